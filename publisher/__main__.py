@@ -1,0 +1,3 @@
+from publisher.cli import publish_command
+
+publish_command(prog_name="publish")

@@ -1,0 +1,216 @@
+"""`publish`, `runyard status` and `runyard leaderboard`: the user's side of the queue.
+
+Nothing here imports torch: `publish --help` stays fast and works on a box without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from publisher.options import given_options, merge, read_spec_file, spec_options
+from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
+from publisher.status import collect_status
+from trainer.spec import ExperimentSpec, SpecError, load_spec
+from worker.connection import RedisUnavailable, connect
+from worker.results import leaderboard
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+USAGE_ERROR = 2
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console; when output goes to a pipe or file, wide enough that tables are not cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def fail(message: str, code: int = USAGE_ERROR) -> None:
+    """Print `error: message` (each line) on stderr and exit; 2 is bad input, 1 is everything else."""
+    for line in message.splitlines():
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def connect_or_fail():
+    try:
+        return connect()
+    except RedisUnavailable as error:
+        fail(str(error), code=1)
+
+
+def parse_duration(text: str) -> int:
+    """'90m', '48h', '2d' or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r} is not a duration like 3600, 90m, 48h or 2d", param_hint="--timeout")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec:
+    """The spec from a --config file (if any) with the typed options on top; SpecError if invalid."""
+    base = read_spec_file(config) if config else {}
+    return load_spec(merge(base, given_options(parameters)))
+
+
+@click.command("publish", context_settings=CONTEXT)
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML spec file used as the base.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the spec; enqueue nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 10),
+    default=DEFAULT_RETRIES,
+    show_default=True,
+    help="Retries after a crash.",
+)
+@click.option("--timeout", default="48h", show_default=True, help="Job time limit (3600, 90m, 48h, 2d).")
+@spec_options
+def publish_command(config, dry_run, as_json, retries, timeout, **parameters):
+    """Validate one experiment spec and put it on the Redis queue.
+
+    Every spec field is an option; a --config YAML file gives the base and options override it.
+    Redis is REDIS_URL if set (redis://, rediss://, unix://), else the embedded server.
+
+    \b
+    Examples:
+      publish --model efficientnet_b2 --loss f1
+      publish --config spec.yaml --lr 3e-4 --epochs 30 --dry-run
+    """
+    timeout_s = parse_duration(timeout) if timeout else JOB_TIMEOUT_S
+    try:
+        spec = build_spec(config, parameters)
+    except SpecError as error:
+        fail(f"invalid spec, nothing enqueued:\n{error}")
+    if not Path(spec.data_dir).expanduser().exists():
+        click.echo(
+            f"warning: data_dir {spec.data_dir} does not exist on this box; the workers must see it there",
+            err=True,
+        )
+    if dry_run:
+        payload = spec.to_payload()
+        if as_json:
+            click.echo(json.dumps({"dry_run": True, "spec_hash": spec.spec_hash(), "spec": payload}, indent=2))
+        else:
+            click.echo(yaml.safe_dump(payload, sort_keys=False).rstrip())
+            click.echo(f"# spec hash {spec.spec_hash()}; dry run: nothing enqueued", err=True)
+        return
+    connection = connect_or_fail()
+    job = publish_experiment(connection, spec, retries=retries, timeout_s=timeout_s)
+    run_name = job.meta["run_name"]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"job_id": job.id, "run_name": run_name, "queue": job.origin, "spec_hash": spec.spec_hash()},
+                indent=2,
+            )
+        )
+    else:
+        click.echo(f"published {run_name}")
+        click.echo(f"  job {job.id} on queue '{rq_queue_name(spec)}' (spec {spec.spec_hash()})")
+        click.echo("  follow it with `runyard status`; results in `runyard leaderboard`")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@click.command("status", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status_command(as_json):
+    """Queues, running jobs with their epoch and F1, failed jobs with the reason, workers."""
+    status = collect_status(connect_or_fail())
+    if as_json:
+        click.echo(json.dumps(status, indent=2, default=str))
+        return
+    out = console()
+    queues = Table(title="queues")
+    for column in ("queue", "queued", "running", "finished", "failed"):
+        queues.add_column(column, justify="left" if column == "queue" else "right")
+    for row in status["queues"]:
+        queues.add_row(row["name"], str(row["queued"]), str(row["started"]), str(row["finished"]), str(row["failed"]))
+    out.print(queues if status["queues"] else "no queues yet: publish something with `publish`")
+
+    if status["running"]:
+        running = Table(title="running")
+        for column in ("run", "worker", "epoch", "val F1", "best F1", "ETA"):
+            running.add_column(column)
+        for row in status["running"]:
+            epoch = f"{row['epoch'] or 0}/{row['epochs'] or '?'}"
+            running.add_row(
+                row["run_name"],
+                row["worker"] or "-",
+                epoch,
+                _fmt(row["val_f1"]),
+                _fmt(row["best_val_f1"]),
+                _eta(row["eta_seconds"]),
+            )
+        out.print(running)
+    if status["failed"]:
+        failed = Table(title="failed")
+        for column in ("run", "job", "reason", "error"):
+            failed.add_column(column, overflow="fold")
+        for row in status["failed"]:
+            failed.add_row(row["run_name"] or "-", row["job_id"], row["failure_reason"] or "-", row["error"] or "-")
+        out.print(failed)
+    workers = Table(title="workers")
+    for column in ("worker", "state", "queues", "job"):
+        workers.add_column(column)
+    for row in status["workers"]:
+        workers.add_row(row["name"], row["state"], ",".join(row["queues"]), row["current_job"] or "-")
+    out.print(
+        workers if status["workers"] else "no workers running: start one with `worker --gpus 0` or `worker --cpu`"
+    )
+
+
+def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:
+    table = Table(title=title)
+    for column in ("#", "run", "model", "loss", "best val F1", "acc", "epoch", "time"):
+        table.add_column(column, justify="right" if column in ("#", "best val F1", "acc", "epoch") else "left")
+    for rank, row in enumerate(rows, 1):
+        best = row["best"]
+        table.add_row(
+            str(rank),
+            row["run_name"],
+            row.get("model", "-"),
+            row.get("loss", "-"),
+            _fmt(best.get("val_f1")),
+            _fmt(best.get("val_acc"), 3),
+            f"{best.get('epoch')}/{row.get('epochs_completed')}",
+            _eta(row.get("durations", {}).get("total_s")),
+        )
+    return table
+
+
+@click.command("leaderboard", context_settings=CONTEXT)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="Rows to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def leaderboard_command(limit, as_json):
+    """Finished runs, best validation macro F1 first."""
+    rows = leaderboard(connect_or_fail(), limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo("no finished runs yet")
+    else:
+        console().print(leaderboard_table(rows))

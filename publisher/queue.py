@@ -1,0 +1,86 @@
+"""Putting experiments on the RQ queue: JSON payloads only, a Retry policy, long timeouts."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from trainer.spec import ExperimentSpec, current_host, current_user
+from worker.jobs import RUN_EXPERIMENT
+from worker.results import reserve_run_name
+
+JOB_TIMEOUT_S = 2 * 24 * 3600  # a long training run, not a web request
+RESULT_TTL_S = 30 * 24 * 3600  # RQ's copy; runyard's own run record (worker.results) never expires
+FAILURE_TTL_S = 365 * 24 * 3600
+DEFAULT_RETRIES = 2
+
+
+def rq_queue_name(spec: ExperimentSpec) -> str:
+    """The RQ queue a spec goes to: `default` -> high/default/low by priority, `pool` -> pool-high/pool/pool-low."""
+    if spec.priority == "normal":
+        return spec.queue
+    return spec.priority if spec.queue == "default" else f"{spec.queue}-{spec.priority}"
+
+
+def queue(connection: redis.Redis, name: str) -> Queue:
+    return Queue(name, connection=connection, serializer=JSONSerializer)
+
+
+def git_state(directory: Path | None = None) -> dict[str, Any]:
+    """The git commit of runyard's checkout (and whether it has uncommitted changes), if it is one."""
+    directory = directory or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return {"git_sha": sha, "git_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def publish_context() -> dict[str, Any]:
+    """Who published, from where and at which code version; carried with the job, logged with the run."""
+    return {"user": current_user(), "host": current_host(), "published_at": time.time(), **git_state()}
+
+
+def publish_experiment(
+    connection: redis.Redis,
+    spec: ExperimentSpec,
+    context: dict[str, Any] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    timeout_s: int = JOB_TIMEOUT_S,
+) -> Job:
+    """Enqueue `spec` (with a unique run name) for `worker.jobs.run_experiment`; return the RQ job."""
+    run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
+    spec = spec.model_copy(update={"run_name": run_name})
+    context = context if context is not None else publish_context()
+    return queue(connection, rq_queue_name(spec)).enqueue_call(
+        RUN_EXPERIMENT,
+        kwargs={"spec": spec.to_payload(), "context": context},
+        timeout=timeout_s,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=FAILURE_TTL_S,
+        retry=Retry(max=retries) if retries else None,
+        description=run_name,
+        meta={
+            "run_name": run_name,
+            "spec_hash": spec.spec_hash(),
+            "model": spec.model,
+            "epochs": spec.epochs,
+        },
+    )

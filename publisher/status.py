@@ -1,0 +1,100 @@
+"""What is queued, running, finished and failed: read from RQ's registries and runyard's records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from worker.results import leaderboard
+
+LISTED_PER_STATE = 20
+
+
+def _fetch(connection: redis.Redis, job_ids: list[str]) -> list[Job]:
+    jobs = []
+    for job_id in job_ids:
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except Exception:  # expired, or a payload that is not ours; status must still print
+            continue
+        jobs.append(job)
+    return jobs
+
+
+def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
+    try:
+        meta = job.meta or {}
+    except Exception:
+        meta = {}
+    progress = meta.get("progress") or {}
+    return {
+        "job_id": job.id,
+        "run_name": meta.get("run_name") or job.description,
+        "queue": queue_name,
+        "worker": job.worker_name,
+        "epoch": progress.get("epoch"),
+        "epochs": progress.get("epochs") or meta.get("epochs"),
+        "val_f1": progress.get("val_f1"),
+        "best_val_f1": progress.get("best_val_f1"),
+        "eta_seconds": progress.get("eta_seconds"),
+        "failure_reason": meta.get("failure_reason"),
+        "failure_message": meta.get("failure_message"),
+    }
+
+
+def _failure_line(job: Job) -> str | None:
+    try:
+        result = job.latest_result()
+    except Exception:
+        return None
+    if result is None or not result.exc_string:
+        return None
+    lines = [line for line in result.exc_string.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else None
+
+
+def collect_status(connection: redis.Redis) -> dict[str, Any]:
+    """Queues with counts, running jobs with progress, failed jobs with reasons, workers, best runs."""
+    queues, running, failed, queued = [], [], [], []
+    for queue in Queue.all(connection=connection, serializer=JSONSerializer):
+        started_ids = queue.started_job_registry.get_job_ids()
+        failed_ids = queue.failed_job_registry.get_job_ids()
+        queues.append(
+            {
+                "name": queue.name,
+                "queued": queue.count,
+                "started": len(started_ids),
+                "finished": queue.finished_job_registry.count,
+                "failed": len(failed_ids),
+                "scheduled": queue.scheduled_job_registry.count,
+            }
+        )
+        running += [_job_row(job, queue.name) for job in _fetch(connection, started_ids)]
+        queued += [_job_row(job, queue.name) for job in _fetch(connection, queue.get_job_ids(0, LISTED_PER_STATE))]
+        for job in _fetch(connection, failed_ids[-LISTED_PER_STATE:]):
+            row = _job_row(job, queue.name)
+            row["error"] = row["failure_message"] or _failure_line(job)
+            failed.append(row)
+    workers = []
+    for worker in Worker.all(connection=connection, serializer=JSONSerializer):
+        workers.append(
+            {
+                "name": worker.name,
+                "state": str(worker.get_state()),
+                "queues": worker.queue_names(),
+                "current_job": worker.get_current_job_id(),
+                "hostname": worker.hostname,
+            }
+        )
+    return {
+        "queues": queues,
+        "running": running,
+        "queued": queued,
+        "failed": failed,
+        "workers": workers,
+        "finished": leaderboard(connection, limit=5),
+    }

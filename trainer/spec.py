@@ -1,0 +1,287 @@
+"""The experiment spec: the one contract every layer reads.
+
+`publish` builds it from options, a search expands into it, the queue carries it as JSON, the
+trainer runs it, W&B logs it as config and the run dir saves it. It imports nothing heavier than
+pydantic, so publishing never pays for torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import hashlib
+import json
+import re
+import socket
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+LOSSES = ("cross_entropy", "focal", "label_smoothing", "f1")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("step", "cosine")
+AUGMENTATIONS = ("base", "custom", "imgaug")
+DATASETS = ("mask", "image_folder")
+
+# Names the seed's scripts used, accepted so its configs keep working; keys are lower case with
+# "_" and "-" removed.
+ALIASES: dict[str, dict[str, str]] = {
+    "loss": {"ce": "cross_entropy", "crossentropy": "cross_entropy"},
+    "augmentation": {
+        "baseaugmentation": "base",
+        "customaugmentation": "custom",
+        "imgaugaugmentation": "imgaug",
+    },
+    "dataset": {
+        "maskbasedataset": "mask",
+        "masksplitbyprofiledataset": "mask",
+        "imagefolder": "image_folder",
+    },
+}
+
+# Fields that say where or how a run is scheduled, not what it computes: they stay out of the hash.
+NON_RESULT_FIELDS = frozenset({"run_name", "queue", "priority", "wandb", "output_dir", "num_workers", "device"})
+
+SECRET_WORDS = ("key", "token", "password", "passwd", "secret")
+
+
+class SpecError(ValueError):
+    """A spec failed validation; the message names each bad field and how to fix it."""
+
+    def __init__(self, message: str, fields: list[str] | None = None):
+        super().__init__(message)
+        self.fields = fields or []
+
+
+@lru_cache(maxsize=1)
+def timm_model_names() -> frozenset[str]:
+    """Names timm registers, read from the list shipped with runyard (no torch import)."""
+    text = resources.files("trainer").joinpath("timm_models.txt").read_text()
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def check_model_name(name: str) -> str:
+    """Accept a timm architecture name, optionally with a pretrained tag (`efficientnet_b2.ra_in1k`)."""
+    architecture = name.split(".", 1)[0]
+    known = timm_model_names()
+    if architecture in known:
+        return name
+    close = difflib.get_close_matches(architecture, known, n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()` for the names"
+    raise ValueError(f"unknown timm model {name!r}{hint}")
+
+
+def _canonical_choice(field: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if not isinstance(value, str):
+        return value
+    key = value.strip().lower()
+    compact = key.replace("_", "").replace("-", "")
+    key = ALIASES.get(field, {}).get(compact, key)
+    if key not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose one of: {', '.join(choices)}")
+    return key
+
+
+class WandbSettings(BaseModel):
+    """Where W&B files the run. The API key is never here: workers read WANDB_API_KEY."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: Annotated[str | None, Field(pattern=NAME_PATTERN)] = None  # WANDB_PROJECT, else "runyard"
+    entity: Annotated[str | None, Field(pattern=NAME_PATTERN)] = None
+    group: Annotated[str | None, Field(pattern=NAME_PATTERN)] = None
+    tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=20)] = []
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split_tags(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [tag.strip() for tag in value.split(",") if tag.strip()]
+        return value
+
+
+class ExperimentSpec(BaseModel):
+    """One experiment: model, data, optimisation and where its results go.
+
+    Defaults are the seed pipeline's (`train.py` of the mask-status baseline), except that the
+    validation split is by profile: images of one person never sit in both train and val.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # What is trained
+    model: str = Field("efficientnet_b2", description="timm model name (any of timm.list_models())")
+    pretrained: bool = Field(True, description="start from timm's pretrained weights")
+    loss: str = Field("cross_entropy", description=f"one of {', '.join(LOSSES)}")
+
+    # Optimisation
+    optimizer: str = Field("adam", description=f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    scheduler: str = Field("step", description=f"learning-rate schedule: {', '.join(SCHEDULERS)}")
+    lr_decay_step: int = Field(20, ge=1, le=10_000, description="StepLR: epochs between decays")
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="StepLR: decay factor")
+    epochs: int = Field(1, ge=1, le=1000, description="training epochs")
+    batch_size: int = Field(64, ge=1, le=4096, description="training batch size")
+    valid_batch_size: int = Field(1000, ge=1, le=8192, description="validation batch size")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="random seed")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+
+    # Data
+    dataset: str = Field("mask", description=f"data layout: {', '.join(DATASETS)}")
+    data_dir: str = Field("data/train", min_length=1, description="training data directory")
+    resize: tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]] = Field(
+        (260, 260), description="input size as HEIGHTxWIDTH (one number for a square)"
+    )
+    augmentation: str = Field("imgaug", description=f"train augmentation: {', '.join(AUGMENTATIONS)}")
+    val_ratio: float = Field(0.2, gt=0, lt=1, description="share of profiles held out for validation")
+    age_threshold: int = Field(60, ge=31, le=100, description="age at which the 'old' class starts")
+
+    # Where and how it runs (not part of the spec hash)
+    run_name: Annotated[str | None, Field(pattern=NAME_PATTERN)] = Field(
+        None, description="run name; default {YYMMDDHHMM}_{user}_{model}_{optimizer}_{loss}_..."
+    )
+    output_dir: str | None = Field(None, description="runs directory; default $RUNYARD_HOME/runs")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible")
+    num_workers: int | None = Field(None, ge=0, le=64, description="DataLoader workers; default from cores")
+    queue: Annotated[str, Field(pattern=NAME_PATTERN)] = Field("default", description="RQ queue name")
+    priority: Literal["high", "normal", "low"] = Field("normal", description="queue priority")
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _known_loss(cls, value: Any) -> Any:
+        return _canonical_choice("loss", value, LOSSES)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _known_optimizer(cls, value: Any) -> Any:
+        return _canonical_choice("optimizer", value, OPTIMIZERS)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _known_scheduler(cls, value: Any) -> Any:
+        return _canonical_choice("scheduler", value, SCHEDULERS)
+
+    @field_validator("augmentation", mode="before")
+    @classmethod
+    def _known_augmentation(cls, value: Any) -> Any:
+        return _canonical_choice("augmentation", value, AUGMENTATIONS)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _known_dataset(cls, value: Any) -> Any:
+        return _canonical_choice("dataset", value, DATASETS)
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        return parse_size(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in data:
+                if isinstance(name, str) and any(word in name.lower() for word in SECRET_WORDS):
+                    raise ValueError(
+                        f"field {name!r} looks like a secret; secrets never go in a spec or into Redis. "
+                        "Set WANDB_API_KEY in the worker's environment instead"
+                    )
+        return data
+
+    def spec_hash(self) -> str:
+        """Stable 12-hex-digit id of what this spec computes (scheduling fields excluded)."""
+        payload = self.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS))
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def default_run_name(self, when: datetime | None = None, user: str | None = None) -> str:
+        """The seed's naming: {YYMMDDHHMM}_{user}_{model}_{optimizer}_{loss}_{batch}_{aug}_{epochs}."""
+        when = when or datetime.now()
+        user = re.sub(r"[^A-Za-z0-9-]", "", user or current_user()) or "user"
+        model = re.sub(r"[^A-Za-z0-9._-]", "-", self.model)
+        return (
+            f"{when:%y%m%d%H%M}_{user}_{model}_{self.optimizer}_{self.loss}"
+            f"_{self.batch_size}_{self.augmentation}_{self.epochs}"
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON-ready dict a queue carries."""
+        return self.model_dump(mode="json")
+
+
+def parse_size(value: Any) -> Any:
+    """'260x260', '260,260', 260 or [260, 260] -> (260, 260)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, str):
+        parts = [part for part in re.split(r"[x, ]+", value.strip().lower()) if part]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"size {value!r} is not HEIGHTxWIDTH, e.g. 260x260")
+        return (int(parts[0]), int(parts[1]))
+    return value
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry inside some containers
+        return "user"
+
+
+def current_host() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `field: message (got value)`."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "spec"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field; valid fields are: {', '.join(field_names())}"
+            close = difflib.get_close_matches(str(item["loc"][-1]), field_names(), n=3)
+            if close:
+                message = f"unknown field; did you mean {', '.join(close)}?"
+        got = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{prefix}{location}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def field_names(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> list[str]:
+    """Every settable field, nested ones dotted (`wandb.project`)."""
+    names = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.extend(field_names(annotation, f"{prefix}{name}."))
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+def load_spec(data: dict[str, Any]) -> ExperimentSpec:
+    """Validate a dict into a spec, raising SpecError with one readable line per problem."""
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec must be a mapping of field: value, got {type(data).__name__}")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as error:
+        fields = [".".join(str(part) for part in item["loc"]) for item in error.errors()]
+        raise SpecError(format_validation_error(error), fields) from None

@@ -1,0 +1,60 @@
+"""Run records and leaderboards under runyard's own Redis keys, kept after RQ forgets the job.
+
+RQ deletes a finished job and its result after `result_ttl`; an experiment's record must outlive
+that, so every finished run also writes a JSON summary and a leaderboard entry here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+PREFIX = "runyard"
+LEADERBOARD_KEY = f"{PREFIX}:leaderboard"
+RUN_NAMES_KEY = f"{PREFIX}:run-names"
+
+
+def run_key(run_name: str) -> str:
+    return f"{PREFIX}:run:{run_name}"
+
+
+def search_leaderboard_key(search: str) -> str:
+    return f"{PREFIX}:search:{search}:leaderboard"
+
+
+def reserve_run_name(connection: redis.Redis, name: str) -> str:
+    """Claim `name`, or `name-2`, `name-3`, ... if taken: every run gets its own run dir."""
+    candidate, suffix = name, 1
+    while not connection.sadd(RUN_NAMES_KEY, candidate):
+        suffix += 1
+        candidate = f"{name}-{suffix}"
+    return candidate
+
+
+def record_run(connection: redis.Redis, summary: dict[str, Any]) -> None:
+    """Store a finished run's summary and rank it by best validation F1 (global and per search)."""
+    name = summary["run_name"]
+    score = float(summary["best"]["val_f1"])
+    with connection.pipeline() as pipeline:
+        pipeline.set(run_key(name), json.dumps(summary))
+        pipeline.zadd(LEADERBOARD_KEY, {name: score})
+        if summary.get("search"):
+            pipeline.zadd(search_leaderboard_key(summary["search"]), {name: score})
+        pipeline.execute()
+
+
+def get_run(connection: redis.Redis, run_name: str) -> dict[str, Any] | None:
+    raw = connection.get(run_key(run_name))
+    return json.loads(raw) if raw else None
+
+
+def leaderboard(connection: redis.Redis, limit: int = 20, search: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs, best validation F1 first."""
+    key = search_leaderboard_key(search) if search else LEADERBOARD_KEY
+    names = [name.decode() for name in connection.zrevrange(key, 0, max(limit, 1) - 1)]
+    if not names:
+        return []
+    summaries = connection.mget([run_key(name) for name in names])
+    return [json.loads(raw) for raw in summaries if raw]
