@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -189,18 +189,6 @@ class ExperimentSpec(BaseModel):
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_secrets(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in data:
-                if isinstance(name, str) and any(word in name.lower() for word in SECRET_WORDS):
-                    raise ValueError(
-                        f"field {name!r} looks like a secret; secrets never go in a spec or into Redis. "
-                        "Set WANDB_API_KEY in the worker's environment instead"
-                    )
-        return data
-
     def spec_hash(self) -> str:
         """Stable 12-hex-digit id of what this spec computes (scheduling fields excluded)."""
         payload = self.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS))
@@ -255,9 +243,14 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = f"unknown field; valid fields are: {', '.join(field_names())}"
-            close = difflib.get_close_matches(str(item["loc"][-1]), field_names(), n=3)
+            close = difflib.get_close_matches(location, field_names(), n=3)
             if close:
                 message = f"unknown field; did you mean {', '.join(close)}?"
+            if any(word in str(item["loc"][-1]).lower() for word in SECRET_WORDS):
+                message = (
+                    "looks like a secret, and secrets never go in a spec or into Redis: "
+                    "set WANDB_API_KEY (or the like) in the worker's environment instead"
+                )
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{prefix}{location}: {message}{shown}")

@@ -8,7 +8,7 @@ import re
 import redis
 
 from trainer.paths import runyard_home
-from worker.embedded import EmbeddedRedis, EmbeddedRedisError
+from worker.embedded import NO_RETRY, EmbeddedRedis, EmbeddedRedisError
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -48,9 +48,9 @@ def redis_url(url: str | None = None, start_embedded: bool = True) -> str:
 def connect(url: str | None = None, start_embedded: bool = True) -> redis.Redis:
     """A checked connection; raises RedisUnavailable with a one-line reason and fix."""
     url = redis_url(url, start_embedded=start_embedded)
-    connection = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
-    check_connection(connection, url)
-    return connection
+    # The first ping fails fast; the connection returned keeps redis-py's retries for later blips.
+    check_connection(redis.Redis.from_url(url, socket_connect_timeout=5, retry=NO_RETRY), url)
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
 
 
 def check_connection(connection: redis.Redis, url: str) -> None:

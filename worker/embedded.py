@@ -17,8 +17,12 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 START_TIMEOUT_S = 15.0
+# Probes answer at once: redis-py's default retries would turn "not running" into seconds of backoff.
+NO_RETRY = Retry(NoBackoff(), 0)
 # A unix socket path longer than this does not fit in sockaddr_un on Linux.
 MAX_SOCKET_PATH = 100
 
@@ -71,7 +75,8 @@ class EmbeddedRedis:
         if not self.socket_path.exists():
             return False
         try:
-            return bool(redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2).ping())
+            probe = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2, retry=NO_RETRY)
+            return bool(probe.ping())
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             return False
 
@@ -101,7 +106,7 @@ class EmbeddedRedis:
         """Shut the server down (saving its data); False if none was running."""
         if not self.is_running():
             return False
-        client = redis.Redis(unix_socket_path=str(self.socket_path))
+        client = redis.Redis(unix_socket_path=str(self.socket_path), retry=NO_RETRY)
         with contextlib.suppress(redis.ConnectionError):  # the server drops the connection as it goes
             client.shutdown(save=True)
         deadline = time.monotonic() + START_TIMEOUT_S

