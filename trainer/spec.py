@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -105,6 +105,21 @@ class WandbSettings(BaseModel):
         return value
 
 
+class KFold(BaseModel):
+    """Cross-validation: with k >= 2 the run trains fold `fold` of a k-fold split grouped by profile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(1, ge=1, le=20, description="number of folds; 1 = a single train/val split by val_ratio")
+    fold: int = Field(0, ge=0, le=19, description="which fold this run holds out (0-based)")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> KFold:
+        if self.k > 1 and self.fold >= self.k:
+            raise ValueError(f"fold {self.fold} does not exist with k={self.k}; use 0..{self.k - 1}")
+        return self
+
+
 class ExperimentSpec(BaseModel):
     """One experiment: model, data, optimisation and where its results go.
 
@@ -142,6 +157,7 @@ class ExperimentSpec(BaseModel):
     augmentation: str = Field("imgaug", description=f"train augmentation: {', '.join(AUGMENTATIONS)}")
     val_ratio: float = Field(0.2, gt=0, lt=1, description="share of profiles held out for validation")
     age_threshold: int = Field(60, ge=31, le=100, description="age at which the 'old' class starts")
+    kfold: KFold = Field(default_factory=KFold)
 
     # Where and how it runs (not part of the spec hash)
     run_name: Annotated[str | None, Field(pattern=NAME_PATTERN)] = Field(
