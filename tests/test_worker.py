@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -166,3 +167,20 @@ def test_status_lists_the_failed_jobs_with_their_reasons(worker_run):
     assert default["finished"] == 1 and default["failed"] == 2 and default["queued"] == 0
     table = run_cli("runyard", "status", env=worker_run.env)
     assert "data_error" in table.stdout and "refused to run" in table.stdout
+
+
+def test_ctrl_c_stops_an_idle_worker_cleanly(redis_url, connection):
+    from rq import Worker
+
+    worker = subprocess.Popen(
+        [str(BIN / "worker"), "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not Worker.all(connection=connection) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [registered] = Worker.all(connection=connection)
+    assert registered.name.endswith("-cpu0")
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=30) == 0
+    assert Worker.all(connection=connection) == []
+    assert "warm shut down requested" in worker.stdout.read()
