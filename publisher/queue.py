@@ -13,6 +13,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from trainer.spec import ExperimentSpec, current_host, current_user
+from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.jobs import RUN_EXPERIMENT
 from worker.results import reserve_run_name
 
@@ -64,6 +65,7 @@ def publish_experiment(
     context: dict[str, Any] | None = None,
     retries: int = DEFAULT_RETRIES,
     timeout_s: int = JOB_TIMEOUT_S,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
 ) -> Job:
     """Enqueue `spec` (with a unique run name) for `worker.jobs.run_experiment`; return the RQ job."""
     run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
@@ -82,5 +84,6 @@ def publish_experiment(
             "spec_hash": spec.spec_hash(),
             "model": spec.model,
             "epochs": spec.epochs,
+            "max_requeues": max_requeues,
         },
     )

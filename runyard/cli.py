@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from publisher.cli import CONTEXT, fail, leaderboard_command, publish_command, status_command
+from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
 from runyard.demo import demo_command
 from trainer.spec import parse_size
-from worker.cli import worker_command
+from worker.cli import janitor_command, worker_command
 from worker.connection import embedded_server, mask_url, redis_url
 from worker.embedded import EmbeddedRedisError
 
@@ -98,3 +98,5 @@ main.add_command(worker_command)
 main.add_command(status_command)
 main.add_command(leaderboard_command)
 main.add_command(demo_command)
+main.add_command(cancel_command)
+main.add_command(janitor_command)

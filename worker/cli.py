@@ -7,6 +7,7 @@ the first Ctrl-C (or SIGTERM) lets running jobs finish, a second one stops them 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,7 +105,13 @@ def worker_slots(gpus: str | None, cpu: bool, workers: int, name: str) -> list[t
 @click.option("--burst", is_flag=True, help="Quit once the queues are empty (for scripts and CI).")
 @click.option("--name", default=None, help="Worker name prefix.  [default: this host's name]")
 @click.option("--max-jobs", type=click.IntRange(1), default=None, help="Quit each worker after this many jobs.")
-def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs):
+@click.option(
+    "--gpu-busy-above",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Wait while other processes hold more than this share of a GPU's memory.  [default: 0.25]",
+)
+def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs, gpu_busy_above):
     """Run training jobs from the Redis queue: one RQ worker per GPU.
 
     Redis is REDIS_URL if set, else the embedded server under $RUNYARD_HOME. W&B logs online
@@ -116,6 +123,8 @@ def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs):
       worker --cpu --burst          # run what is queued, then quit
     """
     slots = worker_slots(gpus, cpu, workers, name or current_host())
+    if gpu_busy_above is not None:
+        slots = [(slot, env | {"RUNYARD_GPU_BUSY_FRACTION": str(gpu_busy_above)}) for slot, env in slots]
     try:
         connect()  # fail here with one clear line, before starting children; starts the embedded server
     except RedisUnavailable as error:
@@ -148,3 +157,47 @@ def supervise(slots: list[tuple[str, dict[str, str]]], queues: str, burst: bool,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return max((child.returncode or 0) for child in children)
+
+
+@click.command("janitor", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="Sweep once and exit (for cron or a script).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=None,
+    help="Seconds between sweeps.  [default: RUNYARD_JANITOR_INTERVAL or 10]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per requeued or failed job.")
+def janitor_command(once, interval, as_json):
+    """Requeue jobs whose worker died: for a box that runs no worker.
+
+    Every worker already runs this sweep in a thread; a job started by a runyard worker whose
+    heartbeat has lapsed (kill -9, reboot, OOM killer) goes back to the front of its queue and
+    resumes from its checkpoint. After its job's max_requeues crashes it fails as `crashed`.
+    """
+    from worker.janitor import Janitor
+
+    try:
+        connection = connect()
+    except RedisUnavailable as error:
+        raise click.ClickException(str(error)) from None
+    janitor = Janitor(connection, f"{current_host()}-janitor")
+    if interval is not None:
+        janitor.interval = interval
+    if not once and not as_json:
+        click.echo(f"janitor: sweeping every {janitor.interval:g} s (Ctrl-C to stop)", err=True)
+    try:
+        while True:
+            for outcome in janitor.sweep():
+                if as_json:
+                    click.echo(json.dumps(outcome.to_dict()))
+                else:
+                    click.echo(
+                        f"{outcome.action} {outcome.run_name or outcome.job_id} (job {outcome.job_id}, "
+                        f"worker {outcome.worker}, crash {outcome.requeues})"
+                    )
+            if once:
+                return
+            time.sleep(janitor.interval)
+    except KeyboardInterrupt:
+        click.echo("janitor: stopped", err=True)
