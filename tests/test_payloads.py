@@ -28,6 +28,8 @@ from trainer.spec import load_spec
 from worker.job import REFUSED_KEY, refused_records
 from worker.jobs import RUN_EXPERIMENT
 
+WANDB_KEY = "local-" + "5ecret" * 8  # in the worker's environment only
+
 
 class TouchOnUnpickle:
     """Unpickling this runs `touch marker`: proof that pickle was read if the file appears."""
@@ -140,7 +142,7 @@ def served(redis_server, demo_data, tmp_path_factory) -> Served:
     connection.hset(broken.key, "status", "pwned")  # RQ itself cannot restore this job
 
     good = publish_experiment(connection, load_spec(tiny_spec(demo_data)), context={})
-    env = isolated_env(redis_server, home)
+    env = isolated_env(redis_server, home) | {"WANDB_API_KEY": WANDB_KEY, "WANDB_MODE": "offline"}
     worker = subprocess.run(
         [str(BIN / "worker"), "--cpu", "--burst"], env=env, capture_output=True, text=True, timeout=240
     )
@@ -193,3 +195,34 @@ def test_the_worker_survives_every_injection_and_serves_the_good_job(served):
     assert served.good.get_status() == JobStatus.FINISHED
     assert served.good.return_value()["epochs_completed"] == 1
     assert "found an unhandled exception" not in served.output
+
+
+def everything_in_redis(connection: redis.Redis) -> bytes:
+    """Every key and value in the database, raw."""
+    dump: list = []
+    for key in connection.scan_iter():
+        kind = connection.type(key).decode()
+        if kind == "string":
+            values = [connection.get(key)]
+        elif kind == "hash":
+            values = [part for item in connection.hgetall(key).items() for part in item]
+        elif kind == "list":
+            values = connection.lrange(key, 0, -1)
+        elif kind == "set":
+            values = list(connection.smembers(key))
+        elif kind == "zset":
+            values = connection.zrange(key, 0, -1)
+        else:  # stream
+            values = [part for _id, fields in connection.xrange(key) for item in fields.items() for part in item]
+        dump += [key, *values]
+    return b"\n".join(item if isinstance(item, bytes) else str(item).encode() for item in dump)
+
+
+def test_the_workers_wandb_key_never_reaches_redis_the_logs_or_the_run_config(served):
+    raw = everything_in_redis(served.connection)
+    assert b"runyard:leaderboard" in raw  # the dump is real: the good job's records are in it
+    for form in (WANDB_KEY.encode(), zlib.compress(WANDB_KEY.encode())):
+        assert form not in raw
+    assert WANDB_KEY not in served.output
+    config = Path(served.good.return_value()["run_dir"]) / "spec.json"
+    assert WANDB_KEY not in config.read_text()

@@ -305,7 +305,8 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
                     "set WANDB_API_KEY (or the like) in the worker's environment instead"
                 )
         got = item.get("input")
-        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        hidden = item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or "secrets never" in message
+        shown = "" if hidden else f" (got {got!r})"  # a secret is never echoed back
         lines.append(f"{prefix}{location}: {message}{shown}")
     return "\n".join(lines)
 
