@@ -19,6 +19,8 @@ from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for
 from trainer.spec import load_spec
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 def publish(connection: redis.Redis, demo_data: Path, search: str | None = None, **changes) -> Job:
     job = publish_experiment(connection, load_spec(tiny_spec(demo_data, **changes)), context={})

@@ -29,13 +29,15 @@ from rq.serializers import JSONSerializer
 from tests.helpers import child_pids, isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for
 from tests.wandb_records import find_run_files, summarize_run, synced_history
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 EPOCHS = 5
 # One torch thread per worker: two workers on two cores must not fight over them.
 FAST_HEARTBEAT = {"RUNYARD_HEARTBEAT_TTL": "4", "RUNYARD_JANITOR_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
 
 
 def publish_job(env: dict[str, str], demo_data: Path, **overrides) -> Job:
-    spec = tiny_spec(demo_data, epochs=EPOCHS, **overrides)
+    spec = tiny_spec(demo_data, **({"epochs": EPOCHS} | overrides))
     args = ["--no-pretrained"] + [
         arg for key, value in spec.items() if key != "pretrained" for arg in (f"--{key.replace('_', '-')}", str(value))
     ]
@@ -154,3 +156,22 @@ def test_a_second_signal_stops_the_worker_at_once_and_still_requeues_the_job(clu
     assert connection.exists("runyard:heartbeat:box1-gpu0") == 0
     with pytest.raises(ProcessLookupError):
         os.kill(horse, 0)
+
+
+def test_a_horse_whose_worker_died_stops_by_itself_and_leaves_the_job_to_the_janitor(cluster, demo_data, connection):
+    env, start, _tmp_path = cluster
+    worker = start("box1-gpu0", WANDB_MODE="disabled")["box1-gpu0"]
+    job = publish_job(env, demo_data, epochs=50)
+    wait_for(lambda: epoch_of(job) >= 1, 120, "a finished epoch")
+    [horse] = [pid for pid in child_pids(worker.pid) if os.getpgid(pid) == pid]
+    os.kill(worker.pid, signal.SIGKILL)  # the worker only: its horse is in its own process group
+    worker.wait(10)
+    wait_for(lambda: not Path(f"/proc/{horse}").exists(), 60, "the orphaned horse to stop")
+    assert job.get_status(refresh=True) == JobStatus.STARTED  # it recorded nothing on its way out
+    assert epoch_of(job) < 50
+
+    wait_for(lambda: not connection.exists("runyard:heartbeat:box1-gpu0"), 30, "the heartbeat to lapse")
+    janitor = run_cli("runyard", "janitor", "--once", env=env)
+    assert janitor.returncode == 0, janitor.stderr
+    assert f"requeued {job.meta['run_name']}" in janitor.stdout
+    assert job.get_status(refresh=True) == JobStatus.QUEUED

@@ -30,6 +30,8 @@ from trainer.spec import load_spec
 from worker.logs import MaskingFormatter
 from worker.process import wait_for_redis
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 PASSWORD = "hunter2-s3cret"
 JOBS = 20
 

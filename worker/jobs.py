@@ -16,7 +16,7 @@ from rq.job import Job
 
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.spec import ExperimentSpec, SpecError, load_spec
-from worker.control import JobControl, cancel_key
+from worker.control import JobControl
 from worker.heartbeat import REDIS_ERRORS
 from worker.results import record_run
 
@@ -113,9 +113,7 @@ def _stopped(job: Job | None, stop: TrainingInterrupted):
     if stop.reason == LOST:
         raise JobLost(str(stop))
     message = f"cancelled by `runyard cancel` after epoch {stop.epoch}; its checkpoint is kept"
-    _mark_failure(job, "cancelled", message, retry=False)
-    if job is not None:
-        job.connection.delete(cancel_key(job.id))
+    _mark_failure(job, "cancelled", message, retry=False)  # the worker then marks it canceled (worker.process)
     raise JobCancelled(message)
 
 

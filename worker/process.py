@@ -38,6 +38,7 @@ from trainer.data import DataError
 from trainer.spec import SpecError
 from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
+from worker.embedded import NO_RETRY
 from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
@@ -93,7 +94,9 @@ class RunyardWorker(Worker):
 
     def bootstrap(self, *args, **kwargs):
         super().bootstrap(*args, **kwargs)
-        threads_connection = separate_client(self.connection, THREAD_SOCKET_TIMEOUT_S)
+        # No retries here: a failed beat must be noticed at once (the janitor then holds off for a
+        # TTL, see worker.janitor) and the next beat is only seconds away anyway.
+        threads_connection = separate_client(self.connection, THREAD_SOCKET_TIMEOUT_S, NO_RETRY)
         self.heartbeat_thread = Heartbeat(threads_connection, self.name, self._heartbeat_details)
         self.heartbeat_thread.beat()
         self.heartbeat_thread.start()
@@ -246,6 +249,11 @@ class RunyardWorker(Worker):
         self._crashed_job_id = job.id
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        if self.is_horse and os.getppid() != self.pid:
+            # This horse's worker died: a janitor requeues the job once the worker's heartbeat
+            # lapses, and recording a failure now would pre-empt that.
+            log.warning("job %s: its worker process died; leaving the job to the janitors", job.id)
+            return
         if execution is not None and not self._owns(job, execution):
             log.warning(
                 "%s: job %s was requeued while this worker ran it; leaving it to its new owner", self.name, job.id
