@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -33,6 +34,7 @@ from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from trainer.data import DataError
 from trainer.spec import SpecError
@@ -93,6 +95,10 @@ class RunyardWorker(Worker):
     # Lifecycle -------------------------------------------------------------------------------
 
     def bootstrap(self, *args, **kwargs):
+        # RQ installs its signal handlers only after bootstrapping (and starting its scheduler);
+        # a stop asked for meanwhile is remembered and honoured before the first dequeue.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop_before_work)
         super().bootstrap(*args, **kwargs)
         # No retries here: a failed beat must be noticed at once (the janitor then holds off for a
         # TTL, see worker.janitor) and the next beat is only seconds away anyway.
@@ -106,6 +112,11 @@ class RunyardWorker(Worker):
             requeue_abandoned(self.connection, by=self.name, dead_names=frozenset({self.name}))
         self.janitor = Janitor(threads_connection, self.name, self.heartbeat_thread)
         self.janitor.start()
+
+    def _stop_before_work(self, signum, frame):
+        log.info("%s: warm shut down requested while starting; stopping before taking a job", self.name)
+        self._shutdown_requested_date = now()
+        self._stop_requested = True
 
     def teardown(self):
         if self.is_horse:
@@ -383,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_worker_logging()
     forbid_pickle()
     try:
+        return _serve(args)
+    except KeyboardInterrupt:  # Ctrl-C before RQ took over the signals: nothing to clean up yet
+        return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run RunyardWorkers until one ends for a reason other than Redis (see wait_for_redis)."""
+    try:
         url = redis_url(start_embedded=False)
         connect(url, start_embedded=False)  # one clear line now if Redis is not there at all
         connection = patient_connection(url)
@@ -403,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             lost = error
             if worker is not None:
                 worker.teardown()
-        if lost is None:
+        if lost is None or (worker is not None and worker._stop_requested):  # done, or asked to stop
             return 0
         if jobs_left is not None and worker is not None:
             jobs_left = max(1, jobs_left - worker.executed_jobs)
