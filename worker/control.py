@@ -31,7 +31,8 @@ CANCEL_TTL_S = 30 * 24 * 3600
 
 log = logging.getLogger("runyard.control")
 
-# Set by the SHUTDOWN_SIGNAL handler the work horse installs as soon as it is forked.
+# Set in the work horse as soon as it is forked: its worker's pid, and whether SHUTDOWN_SIGNAL came.
+_worker_pid: int | None = None
 _shutdown_requested = False
 
 
@@ -46,8 +47,9 @@ def request_cancel(connection: redis.Redis, job_id: str) -> None:
 
 def install_shutdown_handler() -> None:
     """In a fresh work horse: turn SHUTDOWN_SIGNAL into a flag (its default action would kill)."""
-    global _shutdown_requested
+    global _shutdown_requested, _worker_pid
     _shutdown_requested = False
+    _worker_pid = os.getppid()
 
     def on_shutdown(_signum, _frame):
         global _shutdown_requested
@@ -62,7 +64,7 @@ class JobControl:
     def __init__(self, job: Job | None):
         self.job = job
         self.worker_name = job.worker_name if job is not None else None
-        self.parent_pid = os.getppid()
+        self.parent_pid = _worker_pid or os.getppid()
         self._next_check = 0.0
         # A check must not hold training up while Redis is away: one quick try, no retries.
         self.redis = separate_client(job.connection, CHECK_TIMEOUT_S, NO_RETRY) if job is not None else None

@@ -160,6 +160,9 @@ class RunyardWorker(Worker):
             return super().run_maintenance_tasks()
         except REDIS_ERRORS as error:
             self._redis_failed(error)
+        except Exception as error:  # a record nobody can read must not stop the worker (RQ would quit)
+            log.warning("%s: registry maintenance skipped: %s: %s", self.name, type(error).__name__, error)
+            self.last_cleaned_at = now()
 
     def maintain_heartbeats(self, job: Job, execution):
         # Called while the horse trains: an outage must not end the worker under a running job.
