@@ -42,6 +42,7 @@ from worker.embedded import find_redis_server  # noqa: E402
 from worker.heartbeat import heartbeat_key  # noqa: E402
 
 EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO epoch (\d+)/(\d+) ")
+ATTEMPT_LINE = re.compile(r"^(\S+ \S+) INFO run \S+: ")  # an attempt starts training (after its setup)
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
@@ -97,16 +98,21 @@ def busy_workers(connection: redis.Redis, workers: dict[str, subprocess.Popen], 
     return busy
 
 
-def epoch_times(run_dir: Path) -> list[tuple[float, int]]:
-    """(unix time, epoch) of every epoch finished in any attempt, from the run's train.log."""
-    found = []
+def epoch_times(run_dir: Path) -> tuple[list[tuple[float, int]], list[float]]:
+    """From the run's train.log: (unix time, epoch) of every epoch finished in any attempt, and the
+    times attempts started training. Work since the later of the two is what a kill throws away."""
+    epochs, starts = [], []
     log = run_dir / "train.log"
     for line in log.read_text().splitlines() if log.exists() else []:
-        match = EPOCH_LINE.match(line)
-        if match:
-            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            found.append((when, int(match.group(2))))
-    return found
+        if match := EPOCH_LINE.match(line):
+            epochs.append((_unix(match.group(1)), int(match.group(2))))
+        elif match := ATTEMPT_LINE.match(line):
+            starts.append(_unix(match.group(1)))
+    return epochs, starts
+
+
+def _unix(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def main() -> int:
@@ -200,13 +206,16 @@ def measure(connection: redis.Redis, jobs: list[Job], kills: list[dict], args, w
         if job.get_status() != JobStatus.FINISHED:
             continue
         result = job.return_value()
-        times = epoch_times(Path(result["run_dir"]))
+        times, starts = epoch_times(Path(result["run_dir"]))
         # A finished epoch logged twice was trained twice (its checkpoint was not resumed from).
         epochs_twice += len(times) - len({epoch for _when, epoch in times})
         for kill in (kill for kill in kills if kill["job_id"] == job.id):
-            # The epoch in progress at the kill is trained again: count the part already done.
-            before = [when for when, _epoch in times if when <= kill["at"]]
-            kill["partial_epoch"] = min((kill["at"] - max(before)) / result["durations"]["mean_epoch_s"], 1.0)
+            # The epoch in progress at the kill is trained again: count the part already trained.
+            before = [when for when, _epoch in times if when <= kill["at"]] + [
+                when for when in starts if when <= kill["at"]
+            ]
+            lost = kill["at"] - max(before) if before else result["durations"]["mean_epoch_s"]
+            kill["partial_epoch"] = min(lost / result["durations"]["mean_epoch_s"], 1.0)
     requeue_seconds = []
     for kill in kills:
         job = next(job for job in jobs if job.id == kill["job_id"])
