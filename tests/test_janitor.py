@@ -97,7 +97,7 @@ def test_a_job_whose_worker_died_more_than_max_requeues_times_fails_as_crashed(r
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert job.meta["failure_reason"] == "crashed"
-    assert "died 2 times (limit 1" in job.meta["failure_message"]
+    assert "2 crashes, more than its max_requeues of 1" in job.meta["failure_message"]
     assert [entry["worker"] for entry in job.meta["requeue_log"]] == ["box1-gpu0", "box2-gpu0"]
     status = json.loads(run_cli("runyard", "status", "--json").stdout)
     [row] = status["failed"]

@@ -169,7 +169,7 @@ def requeue_job(
             if give_up:
                 job.meta["failure_reason"] = "crashed"
                 job.meta["failure_message"] = (
-                    f"{reason}; its worker died {requeues} times (limit {limit}, publish --max-requeues)"
+                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)"
                 )
                 job.ended_at = now()
                 pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
