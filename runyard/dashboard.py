@@ -42,7 +42,8 @@ def describe_job(job: Job) -> str:
             parts.append(f"best {progress['best_val_f1']:.4f}")
         if progress.get("eta_seconds"):
             minutes, seconds = divmod(int(progress["eta_seconds"]), 60)
-            parts.append(f"ETA {minutes}m{seconds:02d}s")
+            hours, minutes = divmod(minutes, 60)
+            parts.append(f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{seconds:02d}s")
     elif meta.get("epochs"):
         parts.append(f"{meta['epochs']} epochs")
     if meta.get("failure_reason"):

@@ -54,13 +54,17 @@ def check_redis() -> tuple[Check, redis.Redis | None]:
             "(any command that needs it does too), or set REDIS_URL to the team's server",
         ), None
     try:
-        connection = connect(start_embedded=False)
         url = redis_url(start_embedded=False)
+        connection = connect(url)
         version = connection.info("server").get("redis_version", "?")
     except RedisUnavailable as error:
         return Check("redis", FAIL, str(error)), None
-    except redis.RedisError as error:
-        return Check("redis", FAIL, f"Redis answered with an error ({error}): check the server's log"), None
+    except redis.RedisError as error:  # something answered, but not as Redis does (a proxy, another service)
+        return Check(
+            "redis",
+            FAIL,
+            f"{mask_url(url)} answered, but not as Redis ({error}): check the host and port in REDIS_URL",
+        ), None
     origin = "REDIS_URL" if from_env else "embedded"
     return Check("redis", OK, f"Redis {version} at {mask_url(url)} ({origin})", {"version": version}), connection
 
@@ -215,13 +219,29 @@ def run_checks(data_dir: Path | None, dataset: str) -> list[Check]:
     return [*checks, check_gpus(), check_wandb(), check_data(data_dir, dataset)]
 
 
-def per_class_table(check: Check) -> Table:
-    table = Table(title=f"images per class in {check.data['data_dir']}")
+def per_class_table(per_class: dict[str, int]) -> Table:
+    """Images per class: the mask layout's 18 classes as a mask x (gender, age) grid, else a list."""
+    names = list(per_class)
+    if all(name.count("/") == 2 for name in names):
+        rows = list(dict.fromkeys(name.split("/", 1)[0] for name in names))
+        columns = list(dict.fromkeys(name.split("/", 1)[1] for name in names))
+        table = Table(title="images per class")
+        table.add_column("mask")
+        for column in columns:
+            table.add_column(escape(column), justify="right")
+        for row in rows:
+            table.add_row(row, *(_count(per_class.get(f"{row}/{column}", 0)) for column in columns))
+        return table
+    table = Table(title="images per class")
     table.add_column("class")
     table.add_column("images", justify="right")
-    for name, count in check.data["per_class"].items():
-        table.add_row(escape(name), str(count) if count else "[red]0")
+    for name, count in per_class.items():
+        table.add_row(escape(name), _count(count))
     return table
+
+
+def _count(count: int) -> str:
+    return str(count) if count else "[red]0"
 
 
 STYLES = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "bright_black"}
@@ -263,7 +283,7 @@ def doctor_command(data_dir, dataset, as_json):
             out.print(f"{label} {check.name:<8} {escape(check.detail)}", soft_wrap=True, highlight=False)
         data = checks[-1]
         if data.data.get("per_class"):
-            out.print(per_class_table(data))
+            out.print(per_class_table(data.data["per_class"]))
         problems = sum(check.status == FAIL for check in checks)
         warnings = sum(check.status == WARN for check in checks)
         out.print(f"{problems} problem(s), {warnings} warning(s)" if problems or warnings else "all good")

@@ -68,8 +68,9 @@ def compare_code(publisher: dict[str, Any] | None, worker: dict[str, Any]) -> di
     elif publisher["git_sha"] != worker["git_sha"]:
         differs, reason = True, f"published at {publisher['git_sha'][:10]}, trained at {worker['git_sha'][:10]}"
     elif publisher["git_dirty"] or worker["git_dirty"]:
-        side = "publisher" if publisher["git_dirty"] else "worker"
-        differs, reason = True, f"same commit {worker['git_sha'][:10]}, but the {side} had uncommitted changes"
+        sides = [side for side, state in (("publisher", publisher), ("worker", worker)) if state["git_dirty"]]
+        differs = True
+        reason = f"same commit {worker['git_sha'][:10]}, but the {' and the '.join(sides)} had uncommitted changes"
     else:
         differs, reason = False, "same commit"
     return {"publisher": publisher, "worker": worker, "differs": differs, "reason": reason}
