@@ -88,7 +88,9 @@ def list_workers(instance_number: int) -> dict[str, Any]:
     return {"workers": sorted(rows, key=lambda row: (row["state"], row["queues"], row["name"]))}
 
 
-def create_app(url: str, username: str | None = None, password: str | None = None, url_prefix: str = "", poll_ms=2500):
+def create_app(
+    url: str, username: str | None = None, password: str | None = None, url_prefix: str = "", poll_ms: int = 2500
+) -> Any:
     """rq-dashboard's Flask app for the Redis at `url`, with runyard's serializer and endpoints."""
     from flask import Response, request
     from rq_dashboard import web

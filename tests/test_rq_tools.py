@@ -1,7 +1,7 @@
 """The stock RQ tools work on runyard's jobs: `runyard dashboard` (rq-dashboard) and the `rq` CLI.
 
 One module-wide setup serves every test: a password-protected Redis with AOF (as docker-compose
-runs it), a job that failed on a missing dataset, a real `worker --cpu` busy training a long job,
+runs it), a runyard job whose spec failed validation in the worker, a real `worker --cpu` busy training a long job,
 and a dashboard bound to 127.0.0.1 on a free port.
 """
 
@@ -18,16 +18,17 @@ import urllib.error
 import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis
+from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, start_redis_server, tiny_spec
 from trainer.spec import load_spec
+from worker.jobs import RUN_EXPERIMENT
 
 PASSWORD = "s3cret-redis"
 LONG_EPOCHS = 200  # far more than the tests need: the worker must stay busy until teardown
@@ -96,10 +97,13 @@ def busy(demo_data, tmp_path_factory) -> Busy:
     server, url = start_redis_server(directory, "--appendonly", "yes", password=PASSWORD)
     env = isolated_env(url, tmp_path_factory.mktemp("home"))
     connection = redis.Redis.from_url(url)
-    home = Path(env["RUNYARD_HOME"])
     worker = dashboard = None
     try:
-        missing = publish_experiment(connection, load_spec(tiny_spec(demo_data) | {"data_dir": str(home / "nowhere")}))
+        # A payload that fails validation in the worker fails before torch is imported: fast.
+        invalid = tiny_spec(demo_data, lr=-1.0)
+        bad_spec = Queue("default", connection=connection, serializer=JSONSerializer).enqueue_call(
+            RUN_EXPERIMENT, kwargs={"spec": invalid}, description="bad-spec", meta={"run_name": "bad-spec"}
+        )
         training = publish_experiment(
             connection, load_spec(tiny_spec(demo_data, epochs=LONG_EPOCHS, run_name="busy-run"))
         )
@@ -124,7 +128,7 @@ def busy(demo_data, tmp_path_factory) -> Busy:
             env,
             connection,
             training,
-            Job.fetch(missing.id, connection=connection, serializer=JSONSerializer),
+            Job.fetch(bad_spec.id, connection=connection, serializer=JSONSerializer),
             "rqtools-cpu0",
             dashboard_url,
         )
@@ -154,7 +158,7 @@ def test_dashboard_jobs_endpoint_shows_run_name_epoch_and_f1(busy):
     assert f"/{LONG_EPOCHS} · val F1 0." in job["description"] and "best 0." in job["description"]
     status, body = get(f"{busy.dashboard}/0/data/jobs/default/failed/8/asc/1.json")
     assert status == 200
-    assert json.loads(body)["jobs"][0]["description"].endswith("failed: data_error")
+    assert json.loads(body)["jobs"][0]["description"] == "bad-spec · failed: spec_error"
 
 
 def test_dashboard_workers_endpoint_answers_while_a_json_worker_is_busy(busy):
