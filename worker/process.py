@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         name,
         ", ".join(queue_names),
         mask_url(redis_url(start_embedded=False)),
-        (code["git_sha"] or "not a git checkout")[:10],
+        code["git_sha"][:10] if code["git_sha"] else "unknown: not a git checkout",
         ", uncommitted changes" if code["git_dirty"] else "",
         ", following git" if args.follow_git else "",
     )
