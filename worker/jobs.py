@@ -16,6 +16,7 @@ from rq.job import Job
 
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.spec import ExperimentSpec, SpecError, load_spec
+from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
 from worker.heartbeat import REDIS_ERRORS
 from worker.results import record_run
@@ -58,6 +59,10 @@ def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) 
     from trainer.oom import is_out_of_memory
     from trainer.train import train
 
+    context, code = with_worker_code(context, job)
+    if job is not None:
+        job.meta["code"] = code
+        job.save_meta()
     progress = JobProgress(job)
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
@@ -89,6 +94,7 @@ def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) 
 
     result["job_id"] = job.id if job else None
     result["worker"] = {"host": socket.gethostname(), "name": job.worker_name if job else None}
+    result["code"] = code
     if job is not None:
         summary = {
             "loss": experiment.loss,
@@ -115,6 +121,22 @@ def _stopped(job: Job | None, stop: TrainingInterrupted):
     message = f"cancelled by `runyard cancel` after epoch {stop.epoch}; its checkpoint is kept"
     _mark_failure(job, "cancelled", message, retry=False)  # the worker then marks it canceled (worker.process)
     raise JobCancelled(message)
+
+
+def with_worker_code(context: dict[str, Any] | None, job: Job | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's context plus the training side (`context["worker"]`), and the code comparison.
+
+    The worker's commit is the one its process imported at start-up, not the checkout's HEAD now.
+    """
+    context = dict(context or {})
+    worker_code = loaded_code_state()
+    context["worker"] = {
+        "host": socket.gethostname(),
+        "name": job.worker_name if job else None,
+        "git_sha": worker_code["git_sha"],
+        "git_dirty": worker_code["git_dirty"],
+    }
+    return context, compare_code(context, worker_code)
 
 
 class JobProgress:

@@ -12,7 +12,8 @@ On top of RQ's Worker, each process:
 - marks a job stopped by `runyard cancel` as canceled, and leaves alone a job a janitor took away;
 - refuses payloads it cannot read without stopping (worker.job) and never unpickles;
 - waits while another process holds its GPU (worker.gpu);
-- rides out Redis outages: RQ's loop ends, this process reconnects with backoff and starts over.
+- rides out Redis outages: RQ's loop ends, this process reconnects with backoff and starts over;
+- with --follow-git, takes each job on its checkout's latest commit (worker.code_version).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from rq.utils import now
 
 from trainer.data import DataError
 from trainer.spec import SpecError
+from worker.code_version import CODE_DIR, fast_forward, loaded_code_state
 from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
 from worker.embedded import NO_RETRY
@@ -91,6 +93,8 @@ class RunyardWorker(Worker):
         self._execution_id: str | None = None
         self._crashed_job_id: str | None = None
         self._redis_warned = False
+        self.follow_git = False
+        self.restart_requested = False
 
     # Lifecycle -------------------------------------------------------------------------------
 
@@ -179,13 +183,45 @@ class RunyardWorker(Worker):
     # Dequeue: polite GPU use, unreadable payloads moved aside ----------------------------------
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's dequeue once the GPU is free; a record nobody can read is moved aside, not fatal."""
         while True:
             if self.gpu is not None:
                 self.gpu.wait_until_free(self.heartbeat)
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             except RefusedJob as error:
                 quarantine(self.connection, error)
+                continue
+            return self._on_latest_code(result)
+
+    def _on_latest_code(self, result):
+        """With follow_git, a job is only taken on the checkout's latest commit.
+
+        The check runs after a job arrives, not before waiting: a worker idle for a day must not
+        start that day's job on the code it started with. When the checkout moved, the job goes
+        back to the front of its queue and the worker stops so that `main` re-executes it.
+        """
+        if result is None or not self.follow_git:
+            return result
+        job, queue = result
+        step = fast_forward(CODE_DIR)
+        if step.error:
+            self.log.warning("follow-git: cannot fast-forward %s (%s); running the current code", CODE_DIR, step.error)
+        loaded = loaded_code_state()["git_sha"]
+        if step.after and step.after != loaded:
+            self.log.info(
+                "follow-git: code moved %s -> %s; putting job %s back and restarting",
+                (loaded or "?")[:10],
+                step.after[:10],
+                job.id,
+            )
+            with self.connection.pipeline() as pipeline:
+                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)  # where a single-queue worker parks it
+                queue.push_job_id(job.id, pipeline=pipeline, at_front=True)
+                pipeline.execute()
+            self.restart_requested = True
+            raise StopRequested()
+        return result
 
     def prepare_execution(self, job: Job):
         execution = super().prepare_execution(job)
@@ -315,6 +351,16 @@ class RunyardWorker(Worker):
         log.info("%s: job %s cancelled; its checkpoint is kept", self.name, job.id)
 
 
+def process_command(*args: str) -> list[str]:
+    """The command line of one worker process, importing runyard from CODE_DIR whatever the cwd.
+
+    `python -m worker.process` would put the current directory first on sys.path: started from
+    inside another checkout, the worker would run that checkout's code, not the one it follows.
+    """
+    bootstrap = f"import sys; sys.path.insert(0, {str(CODE_DIR)!r}); from worker.process import main; sys.exit(main())"
+    return [sys.executable, "-c", bootstrap, *args]
+
+
 def unique_worker_name(connection, name: str) -> str:
     """`name`, or name-2, name-3... when a live worker already has it (RQ refuses duplicates)."""
     candidate, suffix = name, 1
@@ -392,25 +438,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queues", default="high,default,low")
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--max-jobs", type=int, default=None)
+    parser.add_argument("--follow-git", action="store_true")
     args = parser.parse_args(argv)
 
     setup_worker_logging()
     forbid_pickle()
     try:
-        return _serve(args)
+        worker = _serve(args)
     except KeyboardInterrupt:  # Ctrl-C before RQ took over the signals: nothing to clean up yet
         return 0
+    if worker is None:
+        return 1
+    if worker.restart_requested:
+        # The same pid, so the supervising `worker` command keeps waiting on it; the new image
+        # imports the fast-forwarded code.
+        log.info("follow-git: restarting %s on the new code", worker.name)
+        sys.stdout.flush()
+        command = process_command(*(argv if argv is not None else sys.argv[1:]))
+        os.execv(command[0], command)
+    return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Run RunyardWorkers until one ends for a reason other than Redis (see wait_for_redis)."""
+def _serve(args: argparse.Namespace) -> RunyardWorker | None:
+    """Run RunyardWorkers until one ends for a reason other than Redis (see wait_for_redis).
+
+    Returns the last worker, or None when Redis could not be reached at start.
+    """
     try:
         url = redis_url(start_embedded=False)
         connect(url, start_embedded=False)  # one clear line now if Redis is not there at all
         connection = patient_connection(url)
     except RedisUnavailable as error:
         print(f"worker: {error}", file=sys.stderr)
-        return 1
+        return None
+    code = loaded_code_state()  # before any job: the commit whose code this process imported
     queue_names = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
     jobs_left = args.max_jobs
     while True:
@@ -418,7 +479,16 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             name = unique_worker_name(connection, args.name)
             worker = RunyardWorker(queue_names, name=name, connection=connection)
-            log.info("%s listening on %s at %s", name, ", ".join(queue_names), mask_url(url))
+            worker.follow_git = args.follow_git
+            log.info(
+                "%s listening on %s at %s (code %s%s%s)",
+                name,
+                ", ".join(queue_names),
+                mask_url(url),
+                code["git_sha"][:10] if code["git_sha"] else "unknown: not a git checkout",
+                ", uncommitted changes" if code["git_dirty"] else "",
+                ", following git" if args.follow_git else "",
+            )
             worker.work(burst=args.burst, max_jobs=jobs_left, logging_level="INFO", with_scheduler=True)
             lost = worker.redis_lost
         except REDIS_ERRORS as error:
@@ -426,7 +496,7 @@ def _serve(args: argparse.Namespace) -> int:
             if worker is not None:
                 worker.teardown()
         if lost is None or (worker is not None and worker._stop_requested):  # done, or asked to stop
-            return 0
+            return worker
         if jobs_left is not None and worker is not None:
             jobs_left = max(1, jobs_left - worker.executed_jobs)
         connection = wait_for_redis(url, lost)
