@@ -9,11 +9,17 @@ import timm
 import torch
 from torch import nn
 
+from trainer.heads import MultiHeadModel
 from trainer.spec import ExperimentSpec
 
 
 def create_model(spec: ExperimentSpec, num_classes: int) -> nn.Module:
-    """timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes)."""
+    """timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes).
+
+    With `heads: multi`, the same backbone without its classifier under three task heads.
+    """
+    if spec.heads == "multi":
+        return MultiHeadModel(timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=0))
     return timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes)
 
 
