@@ -10,6 +10,8 @@ import click
 from publisher.cli import CONTEXT, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
 from runyard.demo import demo_command
+from runyard.infer_cli import infer_command
+from runyard.train_cli import train_command
 from trainer.spec import parse_size
 from worker.cli import worker_command
 from worker.connection import embedded_server, mask_url, redis_url
@@ -30,6 +32,10 @@ def main():
       worker --gpus 0,1,2,3                         # on each GPU box
       runyard status                                # what runs, with epoch and F1
       runyard leaderboard                           # best runs first
+    \b
+    Without a queue:
+      runyard train --config spec.yaml              # one spec, here and now
+      runyard infer RUN... --eval-dir data/eval     # a submission CSV from runs
     """
 
 
@@ -98,3 +104,5 @@ main.add_command(worker_command)
 main.add_command(status_command)
 main.add_command(leaderboard_command)
 main.add_command(demo_command)
+main.add_command(train_command)
+main.add_command(infer_command)
