@@ -71,3 +71,11 @@ def test_more_folds_than_people_and_missing_folds_are_refused(samples):
         fold_assignments(samples[:70], 20, seed=0)  # 10 people
     with pytest.raises(SpecError, match="fold 5 does not exist with k=5"):
         load_spec({"kfold": {"k": 5, "fold": 5}})
+
+
+def test_the_seeds_mask_base_dataset_name_gets_the_profile_split(demo_data, samples):
+    # The seed's MaskBaseDataset split by image; here the name maps to the mask layout split by profile.
+    spec = load_spec({"data_dir": str(demo_data / "train"), "dataset": "MaskBaseDataset"})
+    assert spec.dataset == "mask"
+    train, val = split_samples(spec, samples)
+    assert {s.profile for s in train}.isdisjoint({s.profile for s in val})

@@ -202,7 +202,9 @@ class ExperimentSpec(BaseModel):
     mixup: float = Field(0.0, ge=0, le=10, description="mixup alpha: mix image pairs by Beta(a, a); 0 = off")
     cutmix: float = Field(0.0, ge=0, le=10, description="cutmix alpha: paste boxes by Beta(a, a); 0 = off")
     balanced_sampler: bool = Field(False, description="draw training images with equal probability per class")
-    val_ratio: float = Field(0.2, gt=0, lt=1, description="share of profiles held out for validation")
+    val_ratio: float = Field(
+        0.2, gt=0, lt=1, description="share of profiles held out for validation (kfold.k > 1 uses folds instead)"
+    )
     age_threshold: int = Field(60, ge=31, le=100, description="age at which the 'old' class starts")
     relabel: str = Field(
         "none", min_length=1, description="label corrections: none, default (the shipped list) or a .csv path"
@@ -242,11 +244,14 @@ class ExperimentSpec(BaseModel):
     @field_validator("relabel", mode="before")
     @classmethod
     def _relabel_choice(cls, value: Any) -> Any:
-        if not isinstance(value, str) or value.strip().lower() in RELABELS:
-            return value.strip().lower() if isinstance(value, str) else value
-        if not value.strip().lower().endswith(".csv"):
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.lower() in RELABELS:
+            return text.lower()
+        if not text.lower().endswith(".csv"):
             raise ValueError("use none, default (the shipped corrections) or the path of a corrections .csv file")
-        return value.strip()
+        return text
 
     @field_validator("center_crop", mode="before")
     @classmethod

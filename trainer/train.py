@@ -190,7 +190,7 @@ class Trainer:
                 report = self._run_epoch(epoch, setup_seconds)
                 if on_epoch is not None and on_epoch(report):
                     stopped_early = epoch < spec.epochs
-                    self.stop_reason = "stopped" if stopped_early else None
+                    self.stop_reason = "requested" if stopped_early else None  # a cancel or a pruner
                     break
                 if self._patience_exhausted(report):
                     stopped_early = epoch < spec.epochs
@@ -283,7 +283,9 @@ class Trainer:
             self.stop_reason = "early_stopping"
             log.info(
                 "early stopping: no better val F1 than %.4f (epoch %d) for %d epochs",
-                *(report.best_val_f1, report.best_epoch, patience),
+                report.best_val_f1,
+                report.best_epoch,
+                patience,
             )
             return True
         return False
