@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -161,6 +162,27 @@ def test_early_stopping_ends_the_run_when_val_f1_stops_improving(demo_data):
     assert "early stopping" in (Path(result["run_dir"]) / "train.log").read_text()
 
 
+def logged_history(run_file: Path, until: tuple[str, ...], wait_s: float = 30.0) -> dict[tuple[str, ...], str]:
+    """{(key, sub key): json} of every history row of an offline W&B run.
+
+    wandb-core writes the transaction log from its own process and may still be flushing it
+    when finish() returns, so the file is read again until the key `until` is in it (or wait_s passes).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = read_records(run_file)
+        except Exception:  # a record half written
+            records = []
+        logged = {}
+        for record in records:
+            if record.WhichOneof("record_type") == "history":
+                logged |= {tuple(item.nested_key) or (item.key,): item.value_json for item in record.history.item}
+        if until in logged or time.monotonic() > deadline:
+            return logged
+        time.sleep(0.2)
+
+
 def test_run_saves_the_pictures_and_logs_them_to_wandb(demo_data, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     result = train(load_spec(tiny_spec(demo_data, epochs=2, heads="multi")))
@@ -168,10 +190,7 @@ def test_run_saves_the_pictures_and_logs_them_to_wandb(demo_data, monkeypatch):
     assert set(pictures) == {"confusion_matrix", "per_class_f1", "val_predictions"}
     for path in pictures.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(path).parent.name == "pictures"
-    logged = {}
-    for record in read_records(find_run_file(result["run_dir"])):
-        if record.WhichOneof("record_type") == "history":
-            logged |= {tuple(item.nested_key) or (item.key,): item.value_json for item in record.history.item}
+    logged = logged_history(find_run_file(result["run_dir"]), until=("pictures/val_predictions", "_type"))
     for name in pictures:
         assert logged[(f"pictures/{name}", "_type")] == '"image-file"'
         assert logged[(f"pictures/{name}", "path")].startswith('"media/images/pictures/')

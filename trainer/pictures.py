@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainer.data import Sample
 from trainer.metrics import per_class_f1
 
 GRID_IMAGES = 16
+CELL_SIZE = (240, 300)  # width, height of one photo's cell in the prediction grid, in pixels
 
 
 def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
@@ -68,22 +69,35 @@ def save_prediction_grid(
     path: Path,
     count: int = GRID_IMAGES,
 ) -> Path:
-    """Up to `count` validation photos spread over the split, titled true / predicted (red when wrong)."""
+    """Up to `count` validation photos spread over the split, titled true / predicted (red when wrong).
+
+    The photos are pasted into one mosaic shown on a single axes: one axes per photo would
+    cost matplotlib several times longer.
+    """
     picks = _spread(len(samples), count)
     columns = min(4, max(1, len(picks)))
     rows = max(1, -(-len(picks) // columns))
-    figure = Figure(figsize=(3.2 * columns, 3.8 * rows))
-    grid = figure.subplots(rows, columns, squeeze=False)
-    for axes in grid.flat:
-        axes.axis("off")
-    for axes, index in zip(grid.flat, picks, strict=False):
+    cell_w, cell_h, title_h = CELL_SIZE[0], CELL_SIZE[1], 40
+    mosaic = Image.new("RGB", (columns * cell_w, rows * (cell_h + title_h)), "white")
+    titles = []
+    for slot, index in enumerate(picks):
         sample, predicted = samples[index], int(predictions[index])
+        left, top = (slot % columns) * cell_w, (slot // columns) * (cell_h + title_h)
         with Image.open(sample.path) as photo:
-            axes.imshow(photo.convert("RGB"))
+            tile = ImageOps.contain(photo.convert("RGB"), (cell_w - 8, cell_h - 4))
+        mosaic.paste(tile, (left + (cell_w - tile.width) // 2, top + title_h))
         colour = "tab:green" if predicted == sample.label else "tab:red"
-        axes.set_title(f"true {class_names[sample.label]}\npred {class_names[predicted]}", fontsize=8, color=colour)
+        titles.append(
+            (left + cell_w / 2, top + 4, f"true {class_names[sample.label]}\npred {class_names[predicted]}", colour)
+        )
+    figure = Figure(figsize=(mosaic.width / 100, mosaic.height / 100 + 0.4))
+    axes = figure.add_axes((0, 0, 1, mosaic.height / (mosaic.height + 40)))
+    axes.imshow(mosaic)
+    axes.axis("off")
+    for x, y, text, colour in titles:
+        axes.text(x, y, text, ha="center", va="top", fontsize=8, color=colour)
     figure.suptitle("validation images: true / predicted")
-    return _save(figure, path)
+    return _save(figure, path, tight=False)
 
 
 def save_run_pictures(
@@ -109,9 +123,10 @@ def _spread(total: int, count: int) -> list[int]:
     return [round(step * (total - 1) / (count - 1)) for step in range(count)]
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Figure, path: Path, tight: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.tight_layout()
+    if tight:
+        figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
