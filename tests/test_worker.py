@@ -148,6 +148,10 @@ def test_job_with_an_eval_dir_writes_the_submission_itself(worker_run):
         rows = list(csv.DictReader(handle))
     assert len(rows) == result["submission"]["eval"]["images"] == 18
     assert all(0 <= int(row["ans"]) < 18 for row in rows)
+    artifacts = {
+        artifact["name"]: artifact for artifact in summarize_run(find_run_file(result["run_dir"]))["artifacts"]
+    }
+    assert artifacts[f"{result['run_name']}-submission"]["type"] == "submission"
 
 
 def test_meta_shows_each_epoch_while_the_job_runs(worker_run):
