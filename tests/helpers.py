@@ -116,3 +116,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def make_image_folder(demo_data: Path, root: Path) -> Path:
+    """A 3-class ImageFolder (wear / incorrect / not_wear) from the demo photos; returns `root`."""
+    for folder in sorted((demo_data / "train" / "images").iterdir()):
+        for stem, label in (("mask1", "wear"), ("incorrect_mask", "incorrect"), ("normal", "not_wear")):
+            target = root / label / f"{folder.name}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((folder / f"{stem}.jpg").read_bytes())
+    return root

@@ -42,25 +42,45 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_a_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run_exactly(runs, demo_data):
-    train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="straight")))
+RECIPES = {
+    "plain": {},
+    # Everything with state or randomness of its own: EMA weights and steps, a warmup schedule,
+    # mixup/cutmix draws, two heads.
+    "ema-warmup-mixing-heads": {
+        "ema_decay": 0.9,
+        "warmup_epochs": 1,
+        "scheduler": "cosine",
+        "mixup": 0.4,
+        "cutmix": 0.4,
+        "heads": "multi",
+    },
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run_exactly(runs, demo_data, recipe):
+    extra = RECIPES[recipe]
+    train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="straight", **extra)))
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped")), should_stop=stop_in_epoch(2))
+        train(load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped", **extra)), should_stop=stop_in_epoch(2))
     assert stopped.value.reason == SHUTDOWN and stopped.value.epoch == 1  # epoch 2 was cut short
     assert [int(row["epoch"]) for row in metrics(runs / "stopped")] == [1]
 
     resumes = []
     result = train(
-        load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped")), resume=True, on_resume=resumes.append
+        load_spec(tiny_spec(demo_data, epochs=EPOCHS, run_name="stopped", **extra)),
+        resume=True,
+        on_resume=resumes.append,
     )
 
     [info] = resumes
     assert info.start_epoch == 1 and [report.epoch for report in info.history] == [1]
     assert result["resumed_from_epoch"] == 1 and result["epochs_completed"] == EPOCHS
-    straight = load_checkpoint(checkpoint_path(runs / "straight"))["model"]
-    resumed = load_checkpoint(checkpoint_path(runs / "stopped"))["model"]
-    for name, tensor in straight.items():
-        assert torch.equal(tensor, resumed[name]), name  # same data order, same augmentation, same weights
+    straight = load_checkpoint(checkpoint_path(runs / "straight"))
+    resumed = load_checkpoint(checkpoint_path(runs / "stopped"))
+    for part in ("model", "ema") if "ema_decay" in extra else ("model",):
+        for name, tensor in straight[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name}"  # same data, draws and weights
     straight_rows, resumed_rows = metrics(runs / "straight"), metrics(runs / "stopped")
     assert [row["epoch"] for row in resumed_rows] == ["1", "2"]
     assert [row["val_f1"] for row in resumed_rows] == [row["val_f1"] for row in straight_rows]
@@ -75,19 +95,16 @@ def test_a_checkpoint_holds_every_state_a_resume_needs_and_loads_as_data_only(ru
     assert state["optimizer"]["state"], "the optimizer's moments are saved, not just its settings"
 
 
-def test_ema_weights_are_saved_and_restored_when_the_trainer_keeps_them(runs, demo_data):
-    spec = load_spec(tiny_spec(demo_data, epochs=1, run_name="ema"))
+def test_ema_weights_and_their_step_count_are_restored_when_the_spec_asks_for_ema(runs, demo_data):
+    spec = load_spec(tiny_spec(demo_data, epochs=1, ema_decay=0.9, run_name="ema"))
     trainer = Trainer(spec)
-    trainer.ema = torch.optim.swa_utils.AveragedModel(trainer.model)
     trainer.fit()
-    saved = load_checkpoint(checkpoint_path(trainer.run_dir))
-    assert "ema" in saved
-
     again = Trainer(spec)
-    again.ema = torch.optim.swa_utils.AveragedModel(again.model)
     again.resume()
-    for name, tensor in trainer.ema.state_dict().items():
-        assert torch.equal(tensor, again.ema.state_dict()[name]), name
+    assert again.steps == trainer.steps > 0  # the EMA's decay warm-up continues where it was
+    for name, tensor in trainer.ema.module.state_dict().items():
+        assert torch.equal(tensor, again.ema.module.state_dict()[name]), name
+    assert not torch.equal(next(iter(again.ema.module.parameters())), next(iter(again.model.parameters())))
 
 
 def test_without_a_checkpoint_a_resumed_run_starts_from_epoch_zero(runs, demo_data):

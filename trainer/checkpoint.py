@@ -2,9 +2,10 @@
 
 A checkpoint is written at the end of every epoch (atomically: a reader never sees half a file)
 and holds everything that makes epoch N+1 of a resumed run the epoch N+1 an uninterrupted run
-would have trained: model, optimizer, scheduler, AMP scaler, EMA weights when the trainer has
-them, epoch, best metric, every epoch's report, and the random states (Python, NumPy, torch,
-CUDA and the training loader's shuffling generator).
+would have trained: model, optimizer, scheduler (warmup included), AMP scaler, EMA weights and
+step count when the spec asks for EMA, epoch, best metric, every epoch's report, and the random
+states (Python, NumPy, torch, CUDA and the training loader's shuffling generator; mixup and
+cutmix draw from torch's).
 
 Checkpoints are loaded with `weights_only=True`: a checkpoint file is data, never code, even on
 a shared filesystem someone else can write to.
@@ -33,9 +34,8 @@ from trainer.interrupt import ResumeInfo
 if TYPE_CHECKING:
     from trainer.train import EpochReport, Trainer
 
-# Objects a Trainer may carry whose state_dict() belongs in a checkpoint. `ema` exists only when
-# the spec asks for weight averaging; anything absent is skipped.
-STATEFUL_PARTS = ("model", "optimizer", "scheduler", "ema")
+# What a Trainer's checkpoint holds state_dict()s of, restored by name.
+STATEFUL_PARTS = ("model", "optimizer", "scheduler")
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -72,15 +72,12 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
 
 
 def training_state(trainer: Trainer) -> dict[str, Any]:
-    """The resumable part of a checkpoint: RNG states, EMA weights (if any) and the epoch history."""
-    state: dict[str, Any] = {
+    """What a checkpoint needs beyond the weights and optimizer to resume exactly: RNG states and
+    the epoch history (the EMA weights and step count are in the trainer's own checkpoint)."""
+    return {
         "rng": capture_rng_states(trainer.train_loader.generator),
         "history": [asdict(report) for report in trainer.history],
     }
-    ema = getattr(trainer, "ema", None)
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    return state
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -93,10 +90,11 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any]) -> list[Epoc
     from trainer.train import EpochReport
 
     for name in STATEFUL_PARTS:
-        part = getattr(trainer, name, None)
-        if part is not None and name in state:
-            part.load_state_dict(state[name])
+        getattr(trainer, name).load_state_dict(state[name])
     trainer.autocast.scaler.load_state_dict(state["scaler"])
+    if trainer.ema is not None and "ema" in state:  # the averaged weights and the step count their decay uses
+        trainer.ema.module.load_state_dict(state["ema"])
+        trainer.steps = int(state.get("steps", trainer.steps))
     restore_rng_states(state["rng"], trainer.train_loader.generator)
     known = {item.name for item in fields(EpochReport)}
     history = [EpochReport(**{key: value for key, value in row.items() if key in known}) for row in state["history"]]
