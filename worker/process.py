@@ -1,7 +1,8 @@
 """One RQ worker process: the JSON serializer, the allow-listed Job class, runyard's log format.
 
 `worker --gpus 0,1` starts one of these per GPU (python -m worker.process) with
-CUDA_VISIBLE_DEVICES pinned; each forks an RQ work horse per job, which is where torch runs.
+CUDA_VISIBLE_DEVICES pinned; each forks an RQ work horse per job, which is where torch runs (the
+process imports torch once at start so that forks are quick, but never initialises CUDA).
 
 On top of RQ's Worker, each process:
 - beats a short-lived heartbeat and sweeps for other workers' abandoned jobs from two threads
@@ -472,6 +473,11 @@ def _serve(args: argparse.Namespace) -> RunyardWorker | None:
         print(f"worker: {error}", file=sys.stderr)
         return None
     code = loaded_code_state()  # before any job: the commit whose code this process imported
+    # Import torch, timm and the trainer once, here: every forked work horse then starts training
+    # at once instead of spending seconds on the same imports. Importing initialises no CUDA; only
+    # the horse ever touches the GPU.
+    import trainer.train  # noqa: F401
+
     queue_names = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
     jobs_left = args.max_jobs
     while True:
