@@ -122,7 +122,7 @@ def predict_probabilities(
     loader = build_eval_loader(run.spec, samples, mean, std, device, batch_size=batch_size)
     batches = []
     for images, _labels in loader:
-        images = images.to(device)
+        images = loader.collate_fn.finish(images.to(device, non_blocking=True))
         probabilities = class_probabilities(run.model(images), run.spec.heads)
         if tta == "hflip":
             flipped = class_probabilities(run.model(torch.flip(images, dims=[-1])), run.spec.heads)

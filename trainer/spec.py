@@ -62,6 +62,8 @@ NON_RESULT_FIELDS = frozenset(
         "eval_dir",
         "pictures",
         "min_batch_size",
+        "image_cache",
+        "compile",
     }
 )
 
@@ -266,6 +268,12 @@ class ExperimentSpec(BaseModel):
     output_dir: str | None = Field(None, description="runs directory; default $RUNYARD_HOME/runs")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible")
     num_workers: int | None = Field(None, ge=0, le=64, description="DataLoader workers; default from cores")
+    image_cache: Literal["none", "memory", "disk"] = Field(
+        "memory",
+        description="decode each image once: memory (per job), disk (one file per box under $RUNYARD_HOME/cache)"
+        " or none",
+    )
+    compile: bool = Field(False, description="torch.compile the model (minutes of compiling, then faster steps)")
     queue: Annotated[str, Field(pattern=NAME_PATTERN)] = Field("default", description="RQ queue name")
     priority: Literal["high", "normal", "low"] = Field("normal", description="queue priority")
     wandb: WandbSettings = Field(default_factory=WandbSettings)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
-from trainer import checkpoint, oom
+from trainer import checkpoint, compute, oom
 from trainer.data import DataError
 from trainer.heads import predict_classes
 from trainer.interrupt import ResumeInfo, TrainingInterrupted
-from trainer.loaders import build_loaders, class_counts, class_names, load_samples
+from trainer.loaders import build_loaders, class_counts, class_names, load_samples, loader_workers
 from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.mixing import BatchMixer
@@ -61,6 +61,8 @@ class EpochReport:
     best_val_f1: float
     best_epoch: int
     eta_seconds: float
+    train_seconds: float = 0.0  # the training pass alone
+    data_seconds: float = 0.0  # of which the loop waited for batches (and prepared them on the device)
 
 
 EpochCallback = Callable[[EpochReport], "bool | None"]
@@ -131,12 +133,13 @@ def format_eta(seconds: float) -> str:
 
 
 class Autocast:
-    """AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); a no-op on CPU."""
+    """AMP on CUDA (bf16 where the GPU has it natively, else fp16 with a GradScaler); a no-op on CPU
+    unless a `dtype` is given (tests run the CUDA paths on the CPU that way)."""
 
-    def __init__(self, device: torch.device, enabled: bool):
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+    def __init__(self, device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
+        self.enabled = enabled and (device.type == "cuda" or dtype is not None)
+        self.dtype = dtype or (compute.cuda_amp_dtype() if self.enabled else torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and self.dtype == torch.float16)
         self.device_type = device.type
 
     def __call__(self):
@@ -146,7 +149,12 @@ class Autocast:
 class Trainer:
     """Builds everything a spec names (data, model, loss, optimizer, W&B run) and fits it."""
 
-    def __init__(self, spec: ExperimentSpec, context: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        context: dict[str, Any] | None = None,
+        compute_plan: compute.ComputePlan | None = None,
+    ):
         self.started = time.perf_counter()
         self.spec = spec
         self.run_name = spec.run_name or spec.default_run_name()
@@ -156,12 +164,16 @@ class Trainer:
         seed_everything(spec.seed)
         configure_determinism(spec.deterministic)
         self.device = pick_device(spec)
+        # channels_last, AMP dtype, torch.compile, cuDNN autotuning (see trainer.compute)
+        self.compute = compute_plan or compute.plan_compute(spec, self.device)
+        compute.configure_backends(self.compute, self.device, loader_workers(spec, self.device))
         if spec.eval_dir and not (Path(spec.eval_dir).expanduser() / "info.csv").is_file():
             # Found out now, not after hours of training.
             raise DataError(f"eval_dir {spec.eval_dir} has no info.csv (an eval dir holds images/ and info.csv)")
         samples, self.num_classes = load_samples(spec)
         self.class_names = class_names(spec, self.num_classes)
         self.model = create_model(spec, self.num_classes).to(self.device)
+        self.forward = compute.prepare_model(self.model, self.compute)
         mean, std = normalization(self.model)
         self.train_loader, self.val_loader = build_loaders(spec, samples, mean, std, self.device)
         self.class_counts = class_counts(self.train_loader.dataset.samples, self.num_classes)
@@ -171,7 +183,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=spec.ema_decay, use_warmup=True) if spec.ema_decay else None
         self.optimizer = create_optimizer(spec, self.model)
         self.scheduler = create_scheduler(spec, self.optimizer)
-        self.autocast = Autocast(self.device, spec.amp)
+        self.autocast = Autocast(self.device, self.compute.amp_dtype is not None, self.compute.amp_dtype)
         self.best: dict[str, Any] = {"epoch": 0, "val_f1": -1.0}
         self.best_eval: dict[str, Any] | None = None  # the best epoch's validation, for the pictures
         self.steps = 0
@@ -182,6 +194,7 @@ class Trainer:
         self.should_stop: StopCallback | None = None
         self.phase = "setup"  # "train" or "eval": where an out-of-memory error came from
         self.oom_adjustments: list[dict[str, Any]] = []
+        self.epoch_timing = (0.0, 0.0)  # the last training pass: (seconds, of which waiting for data)
 
     def resume(self) -> ResumeInfo:
         """Continue from the run dir's last checkpoint, if there is one (see trainer.checkpoint)."""
@@ -263,6 +276,8 @@ class Trainer:
             best_val_f1=self.best["val_f1"],
             best_epoch=self.best["epoch"],
             eta_seconds=(now - self.started - setup_seconds) / (epoch - self.start_epoch) * (self.spec.epochs - epoch),
+            train_seconds=self.epoch_timing[0],
+            data_seconds=self.epoch_timing[1],
         )
         self.history.append(report)
         # The checkpoint (with this report in its history) is the commit point of an epoch: a run
@@ -275,7 +290,7 @@ class Trainer:
         self._log_to_tracker(report)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f F1 %.4f | best F1 %.4f (epoch %d) | %.1fs"
-            " | ETA %s",
+            " (waiting for data %.1fs) | ETA %s",
             epoch,
             report.epochs,
             report.train_loss,
@@ -286,6 +301,7 @@ class Trainer:
             report.best_val_f1,
             report.best_epoch,
             report.seconds,
+            report.data_seconds,
             format_eta(report.eta_seconds),
         )
         return report
@@ -296,6 +312,7 @@ class Trainer:
         With grad_accum_steps = k, gradients of k batches are summed (each loss scaled by 1/k)
         before one optimizer step; a trailing group of fewer than k batches is skipped, as
         drop_last skips a short batch, so the effective batch is always batch_size x k.
+        The time spent waiting for batches is kept in `epoch_timing` (train seconds, data seconds).
         """
         self.model.train()
         self.phase = "train"
@@ -303,15 +320,18 @@ class Trainer:
         usable_batches = len(self.train_loader) - len(self.train_loader) % accumulation
         total_loss, correct, seen = 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
+        started = waiting_since = time.perf_counter()
+        data_seconds = 0.0
         for index, (images, labels) in enumerate(self.train_loader):
             if index >= usable_batches:
                 break
             oom.inject_fault(len(labels))
-            images = images.to(self.device, non_blocking=True)
+            images = self._on_device(images, self.train_loader)
             labels = labels.to(self.device, non_blocking=True)
+            data_seconds += time.perf_counter() - waiting_since
             mixed = self.mixer(images, labels) if self.mixer else None
             with self.autocast():
-                logits = self.model(mixed.images if mixed else images)
+                logits = self.forward(mixed.images if mixed else images)
                 loss = mixed.loss(self.loss_fn, logits) if mixed else self.loss_fn(logits, labels)
             self.autocast.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
             if (index + 1) % accumulation == 0:
@@ -327,7 +347,15 @@ class Trainer:
             targets = mixed.dominant_labels if mixed else labels
             correct += int((predict_classes(logits, self.spec.heads) == targets).sum())
             seen += len(labels)
+            waiting_since = time.perf_counter()
+        self.epoch_timing = (time.perf_counter() - started, data_seconds)
         return total_loss / max(seen, 1), correct / max(seen, 1)
+
+    def _on_device(self, images: torch.Tensor, loader) -> torch.Tensor:
+        """A loader's batch on the device, augmented and normalised (on CUDA the recipe runs here,
+        after a non-blocking copy of the pinned uint8 batch), in the plan's memory format."""
+        images = loader.collate_fn.finish(images.to(self.device, non_blocking=True))
+        return compute.prepare_input(images, self.compute)
 
     def _clip_gradients(self) -> None:
         if self.spec.grad_clip > 0:
@@ -361,7 +389,7 @@ class Trainer:
         matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         predictions = []
         for images, labels in self.val_loader:
-            images = images.to(self.device, non_blocking=True)
+            images = self._on_device(images, self.val_loader)
             labels = labels.to(self.device, non_blocking=True)
             with self.autocast():
                 logits = model(images)

@@ -16,6 +16,7 @@ import time
 
 import click
 
+from trainer.cores import core_share, default_loader_workers, default_torch_threads
 from trainer.spec import current_host
 from worker.code_version import CODE_DIR, FollowGitError, check_can_follow
 from worker.connection import RedisUnavailable, connect
@@ -64,8 +65,9 @@ def worker_slots(gpus: str | None, cpu: bool, workers: int, name: str) -> list[t
         else:
             gpus = ",".join(str(index) for index in range(detected))
     if cpu:
-        cores = os.cpu_count() or 1
-        threads = str(max(1, cores // workers))
+        # The share's cores go to DataLoader workers and torch threads, never more (trainer.cores).
+        share = core_share(os.cpu_count() or 1, workers)
+        threads = str(default_torch_threads(default_loader_workers("cpu", share), share))
         return [
             (
                 f"{name}-cpu{index}",
