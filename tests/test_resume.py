@@ -54,6 +54,8 @@ RECIPES = {
         "cutmix": 0.4,
         "heads": "multi",
     },
+    # Random augmentation run in a DataLoader worker process, with the image cache.
+    "imgaug-in-a-loader-worker": {"augmentation": "imgaug", "num_workers": 1},
 }
 
 

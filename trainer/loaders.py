@@ -191,7 +191,10 @@ def build_loaders(
         drop_last=len(train_samples) > spec.batch_size,
         generator=torch.Generator().manual_seed(spec.seed),
         collate_fn=CollateBatch(train_recipe, on_device=device.type == "cuda"),
-        **_worker_options(workers, device, persistent=True),
+        # Not persistent: workers started each epoch take their augmentation seeds from the
+        # loader's generator, which checkpoints save, so a resumed run draws what an uninterrupted
+        # one drew. Forking them costs milliseconds; the image cache's pages are shared, not copied.
+        **_worker_options(workers, device, persistent=False),
     )
     val_loader = build_eval_loader(
         spec, val_samples, mean, std, device, persistent=True, store=stores[eval_recipe.prefix]
@@ -220,6 +223,9 @@ def build_eval_loader(
         ImageDataset(samples, recipe.prefix, store),
         batch_size=batch_size or spec.valid_batch_size,
         shuffle=False,
+        # Its own generator: starting its workers (once, when persistent) then never draws from the
+        # global stream that training's random ops use, so resumed and uninterrupted runs stay equal.
+        generator=torch.Generator().manual_seed(spec.seed),
         collate_fn=CollateBatch(recipe, on_device=device.type == "cuda"),
         **_worker_options(loader_workers(spec, device), device, persistent),
     )
