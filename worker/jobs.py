@@ -115,6 +115,7 @@ def _stopped(job: Job | None, stop: TrainingInterrupted):
         log.info("job %s: worker shutting down; requeued to resume after epoch %d", job.id if job else "-", stop.epoch)
         if job is not None:
             job.meta["shutdowns"] = int(job.meta.get("shutdowns", 0)) + 1
+            job.meta["shutdown_after_epoch"] = stop.epoch
         return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)
     if stop.reason == LOST:
         raise JobLost(str(stop))
