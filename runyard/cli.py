@@ -10,6 +10,7 @@ import click
 from publisher.cli import CONTEXT, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
 from runyard.demo import demo_command
+from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
 from worker.cli import worker_command
 from worker.connection import embedded_server, mask_url, redis_url
@@ -98,3 +99,5 @@ main.add_command(worker_command)
 main.add_command(status_command)
 main.add_command(leaderboard_command)
 main.add_command(demo_command)
+main.add_command(schedule_search_command)
+main.add_command(compare_command)
