@@ -63,3 +63,12 @@ def run_cli(name: str, *args: str, env: dict[str, str] | None = None, timeout: f
     return subprocess.run(
         [str(BIN / name), *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=timeout
     )
+
+
+def write_search(path: Path, data_dir: Path, parameters: dict[str, Any], **fields: Any) -> Path:
+    """A search YAML at `path` whose points train tiny_spec (fields such as method, name go on top)."""
+    import yaml
+
+    document = {"method": "grid", "fixed": tiny_spec(data_dir), "parameters": parameters} | fields
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
