@@ -48,7 +48,12 @@ class SearchError(ValueError):
 
 
 class EarlyTerminateConfig(BaseModel):
-    """W&B's early_terminate block: hyperband with min_iter (or max_iter and s) and eta."""
+    """W&B's early_terminate block: hyperband with min_iter (or max_iter and s) and eta.
+
+    As in W&B, a run is checked at min_iter, min_iter * eta, min_iter * eta**2, ... epochs and stops
+    when it is not in the top 1/eta of the runs that reached that point (with max_iter and s, the
+    first check is at max_iter / eta**s). `hyperband_brackets` uses Optuna's bracketed Hyperband.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -226,7 +226,7 @@ BAD_SEARCHES = [
     ({"parameters": {}}, "parameters: list at least one parameter to search"),
     ({"method": "random"}, "run_cap: a random search needs run_cap"),
     ({"metric": {"name": "f1"}}, "unknown metric 'f1'; choose one of: val_f1"),
-    ({"early_terminate": {"type": "median"}}, "unknown early_terminate type 'median'"),
+    ({"early_terminate": {"type": "median"}}, "unknown early_terminate type 'median'; choose one of: hyperband"),
     ({"early_terminate": {"type": "hyperband", "min_iter": 1}}, "min_iter 1 leaves nothing to stop"),
     ({"fixed": {"batchsize": 32}}, "base/fixed: batchsize: unknown field; did you mean batch_size"),
     ({"base": "missing.yaml"}, "base: "),

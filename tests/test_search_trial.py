@@ -40,13 +40,15 @@ def study(redis_url: str, search: str = "s") -> optuna.Study:
     return optuna.load_study(study_name=f"runyard-{search}", storage=storage)
 
 
-HYPERBAND = {"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 3}  # one bracket: checked at epoch 1
+HYPERBAND = {"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 3}  # checked at epoch 1
 
 
-def test_hyperband_prunes_a_run_far_below_the_others_and_it_ends_pruned(redis_url):
-    good = SearchTrial(None, parse_payload(payload("good", HYPERBAND)))
+@pytest.mark.parametrize("kind", ["hyperband", "hyperband_brackets"])  # 2 epochs / 1 < eta: a single bracket
+def test_hyperband_prunes_a_run_far_below_the_others_and_it_ends_pruned(redis_url, kind):
+    pruner = HYPERBAND | {"type": kind}
+    good = SearchTrial(None, parse_payload(payload("good", pruner)))
     assert good.finish(train(good, [0.50, 0.60])) == "finished"
-    bad = SearchTrial(None, parse_payload(payload("bad", HYPERBAND)))
+    bad = SearchTrial(None, parse_payload(payload("bad", pruner)))
     result = train(bad, [0.05, 0.90])
     assert result["stopped_early"] and bad.pruned
     assert bad.finish(result) == "pruned"
@@ -62,8 +64,8 @@ def test_a_run_that_keeps_up_with_the_best_is_not_pruned(redis_url):
     assert second.finish(train(second, [0.55, 0.58])) == "finished"
 
 
-def test_successive_halving_checks_at_min_iter_times_powers_of_eta(redis_url):
-    halving = {"type": "successive_halving", "min_iter": 1, "max_iter": 8, "eta": 2}
+def test_hyperband_checks_at_min_iter_times_powers_of_eta_as_w_and_b_does(redis_url):
+    halving = {"type": "hyperband", "min_iter": 1, "max_iter": 8, "eta": 2}
     leader = SearchTrial(None, parse_payload(payload("lead", halving)))
     leader.finish(train(leader, [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8]))
     # Level with the leader at epochs 1 and 2, behind it from epoch 3: stopped at the next rung, epoch 4.
@@ -71,6 +73,13 @@ def test_successive_halving_checks_at_min_iter_times_powers_of_eta(redis_url):
     result = train(follower, [0.3, 0.4, 0.41, 0.42, 0.43, 0.9, 0.9, 0.9])
     assert follower.pruned and len(follower.trial.study.trials[1].intermediate_values) == 4
     assert follower.finish(result) == "pruned"
+    assert type(follower.study.pruner) is optuna.pruners.SuccessiveHalvingPruner
+
+
+def test_hyperband_brackets_is_optunas_bracketed_hyperband(redis_url):
+    brackets = {"type": "hyperband_brackets", "min_iter": 1, "max_iter": 9, "eta": 3}
+    trial = SearchTrial(None, parse_payload(payload("p", brackets)))
+    assert type(trial.study.pruner) is optuna.pruners.HyperbandPruner
 
 
 def test_without_early_terminate_nothing_is_pruned_and_no_study_is_made(redis_url, connection):

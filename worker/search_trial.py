@@ -34,7 +34,10 @@ METRICS: dict[str, Literal["maximize", "minimize"]] = {
     "train_acc": "maximize",
     "train_loss": "minimize",
 }
-PRUNERS = ("hyperband", "successive_halving")
+# `hyperband` is what a W&B sweep file means by it: one set of bands at min_iter * eta**k where a run
+# below the top 1/eta stops (asynchronous successive halving). `hyperband_brackets` is Optuna's
+# bracketed Hyperband, which also starts some runs at later bands to hedge against slow starters.
+PRUNERS = ("hyperband", "successive_halving", "hyperband_brackets")
 
 
 class Metric(BaseModel):
@@ -63,11 +66,11 @@ class Metric(BaseModel):
 
 
 class EarlyTerminate(BaseModel):
-    """Hyperband or successive halving in epochs: a run is checked at min_iter * eta**k epochs."""
+    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see PRUNERS)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["hyperband", "successive_halving"]
+    type: Literal["hyperband", "successive_halving", "hyperband_brackets"]
     min_iter: int = Field(ge=1)
     max_iter: int = Field(ge=1)
     eta: int = Field(ge=2)
@@ -227,7 +230,7 @@ class SearchTrial:
         optuna = _optuna()
         if early_terminate is None:
             return optuna.pruners.NopPruner()
-        if early_terminate.type == "successive_halving":
+        if early_terminate.type != "hyperband_brackets":
             return optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=early_terminate.min_iter, reduction_factor=early_terminate.eta
             )
