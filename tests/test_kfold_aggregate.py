@@ -9,6 +9,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from tests.helpers import tiny_spec
+from trainer.spec import SpecError
 from worker.kfold import FoldsMissing, aggregate
 from worker.results import get_run, leaderboard, record_run
 
@@ -63,3 +64,12 @@ def test_aggregate_with_a_fold_that_did_not_finish_fails_and_says_to_re_run_the_
     job = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
     assert job.meta["failure_reason"] == "fold_failed"
     assert leaderboard(connection, search="cv") == []
+
+
+def test_aggregate_job_with_a_malformed_payload_fails_as_a_spec_error(connection, tmp_path):
+    kwargs = arguments(tmp_path) | {"spec": {"lr": -1}, "run_name": "cv-001"}
+    job = Job.create("worker.jobs.aggregate_folds", kwargs=kwargs, connection=connection, serializer=JSONSerializer)
+    job.save()
+    with pytest.raises(SpecError, match="lr: Input should be greater than 0"):
+        job.perform()  # RQ's own in-process run of the job
+    assert Job.fetch(job.id, connection=connection, serializer=JSONSerializer).meta["failure_reason"] == "spec_error"

@@ -85,7 +85,12 @@ def aggregate_folds(
     """Mean ± std of a k-fold set's folds, once they have run (the job depends on them)."""
     from worker.kfold import aggregate
 
-    return aggregate(get_current_job(), search, spec, folds, run_name)
+    job = get_current_job()
+    try:
+        return aggregate(job, search, spec, folds, run_name)
+    except SpecError as error:
+        _mark_failure(job, "spec_error", str(error), retry=False)
+        raise
 
 
 class JobProgress:
