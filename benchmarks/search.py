@@ -3,13 +3,15 @@
 1. Publishing a 1,000-point grid (goal: under 2 s): load + validate + claim + pipelined enqueue,
    in-process and as the `python -m schedule_search` command, against one `publish_experiment`
    call per point (what a loop over `publish` would do).
-2. The same grid (lr x loss, >= 12 points) run to the end, with `hyperband` (W&B's meaning:
-   bands at min_iter * eta**k) and with `hyperband_brackets` (Optuna's bracketed Hyperband), on
-   demo data by one CPU worker: total epochs trained and the best validation F1 each found
-   (goal: hyperband within 0.01 of the grid's best F1 with <= 50% of its epochs).
+2. The same grid (loss x lr, 12 points) run to the end and with each early-stopping setting in
+   VARIANTS (`hyperband` is W&B's meaning: checks at min_iter * eta**k; `hyperband_brackets` is
+   Optuna's bracketed Hyperband), on demo data by one CPU worker: total epochs trained and the
+   best validation F1 each found (goal: within 0.01 of the grid's best F1 with <= 50% of its
+   epochs). Training is seeded, so a point trains the same in every search until it is stopped.
 
-    PYTHONPATH=. python benchmarks/search.py                 # both
-    PYTHONPATH=. python benchmarks/search.py --publish-only  # part 1 only (seconds)
+    PYTHONPATH=. python benchmarks/search.py                            # all of it
+    PYTHONPATH=. python benchmarks/search.py --publish-only             # part 1 only (seconds)
+    PYTHONPATH=. python benchmarks/search.py --variants hyperband_eta2  # part 2, one setting
 
 Everything runs against a private embedded Redis and RUNYARD_HOME in a temporary directory.
 """
@@ -87,7 +89,7 @@ def run_search(home: Path, env: dict[str, str], name: str, document: dict) -> di
     from worker.results import get_run, leaderboard
 
     path = home / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document | {"name": name}))
+    path.write_text(yaml.safe_dump(document | {"name": name}, sort_keys=False))
     subprocess.run([sys.executable, "-m", "schedule_search", str(path)], env=env, check=True, capture_output=True)
     started = time.perf_counter()
     subprocess.run(
@@ -106,7 +108,18 @@ def run_search(home: Path, env: dict[str, str], name: str, document: dict) -> di
     }
 
 
-def pruning_benchmark(home: Path, env: dict[str, str], epochs: int, profiles: int) -> dict[str, dict]:
+# Early-stopping settings compared with the full grid. eta 3 is W&B's default; eta 2 keeps half
+# of the runs at each check instead of a third.
+VARIANTS = {
+    "hyperband": {"type": "hyperband", "min_iter": 1, "eta": 3},
+    "hyperband_brackets": {"type": "hyperband_brackets", "min_iter": 1, "eta": 3},
+    "hyperband_eta2": {"type": "hyperband", "min_iter": 1, "eta": 2},
+}
+
+
+def pruning_benchmark(
+    home: Path, env: dict[str, str], epochs: int, profiles: int, variants: list[str]
+) -> dict[str, dict]:
     from trainer.demo_data import make_demo_dataset
 
     data = home / "demo"
@@ -125,14 +138,14 @@ def pruning_benchmark(home: Path, env: dict[str, str], epochs: int, profiles: in
             "scheduler": "cosine",
         },
         "parameters": {
+            "loss": {"values": ["cross_entropy", "focal"]},  # the outer loop: points 1-6 are cross_entropy
             "lr": {"values": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.3]},
-            "loss": {"values": ["cross_entropy", "focal"]},
         },
     }
-    results = {"grid": run_search(home, env, "bench-grid", grid)}
-    for kind in ("hyperband", "hyperband_brackets"):
-        pruned = grid | {"early_terminate": {"type": kind, "min_iter": 1, "eta": 3}}
-        results[kind] = run_search(home, env, f"bench-{kind.replace('_', '-')}", pruned)
+    results = {}
+    for variant in variants:
+        document = grid if variant == "grid" else grid | {"early_terminate": VARIANTS[variant]}
+        results[variant] = run_search(home, env, f"bench-{variant.replace('_', '-')}", document)
     return results
 
 
@@ -142,6 +155,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="publish timings: median of this many")
     parser.add_argument("--epochs", type=int, default=9, help="epochs per grid point")
     parser.add_argument("--profiles", type=int, default=48, help="demo data profiles (7 images each)")
+    parser.add_argument(
+        "--variants",
+        default="grid," + ",".join(VARIANTS),
+        help="comma list of: grid, " + ", ".join(VARIANTS),
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="runyard-bench-") as directory:
@@ -168,10 +186,11 @@ def main() -> int:
                 return 0
             connection.flushall()
             env = os.environ | {"PYTHONPATH": str(ROOT)}
-            results = pruning_benchmark(home, env, args.epochs, args.profiles)
+            variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
+            results = pruning_benchmark(home, env, args.epochs, args.profiles, variants)
         finally:
             server.stop()
-    grid = results["grid"]
+    grid = results.get("grid") or {"points": 12, "epochs": 12 * args.epochs, "best_f1": float("nan")}
     print(f"\nsame grid ({grid['points']} points x {args.epochs} epochs, {args.profiles} profiles), one CPU worker:")
     print(f"  {'search':<20} {'epochs':>7} {'share':>7} {'best F1':>8} {'vs grid':>8} {'pruned':>7} {'wall s':>7}")
     for name, result in results.items():
@@ -181,7 +200,7 @@ def main() -> int:
             f"  {name:<20} {result['epochs']:>7} {share:>7.0%} {result['best_f1']:>8.4f} {delta:>+8.4f}"
             f" {result['pruned']:>7} {result['seconds']:>7.0f}"
         )
-    for name in ("hyperband", "hyperband_brackets"):
+    for name in [variant for variant in results if variant != "grid"]:
         result = results[name]
         met = result["epochs"] <= grid["epochs"] / 2 and result["best_f1"] >= grid["best_f1"] - 0.01
         verdict = "met" if met else "NOT met"

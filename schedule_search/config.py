@@ -121,8 +121,8 @@ class SearchConfig(BaseModel):
         return self
 
 
-def read_search_file(path: str | Path) -> tuple[dict[str, Any], str]:
-    """The YAML mapping in `path` and its text; SearchError if unreadable."""
+def read_search_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; SearchError if unreadable."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -136,7 +136,7 @@ def read_search_file(path: str | Path) -> tuple[dict[str, Any], str]:
         raise SearchError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
         raise SearchError(f"{path}: a search file is a mapping (method:, parameters:, ...), not {type(data).__name__}")
-    return data, text
+    return data
 
 
 def parse_config(data: dict[str, Any], source: str) -> SearchConfig:

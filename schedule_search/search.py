@@ -84,7 +84,7 @@ class Search:
 def load_search(path: str | Path) -> Search:
     """Read, validate and expand a search file; SearchError names every problem and nothing is queued."""
     path = Path(path)
-    data, _text = read_search_file(path)
+    data = read_search_file(path)
     source = path.name
     config = parse_config(data, source)
     name = config.name or default_name(path, data)
