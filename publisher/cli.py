@@ -183,6 +183,17 @@ def status_command(as_json, search):
         for row in status["failed"]:
             failed.add_row(row["run_name"] or "-", row["job_id"], row["failure_reason"] or "-", row["error"] or "-")
         out.print(failed)
+    if status.get("code_differs"):
+        differs = Table(title="runs on other code than published (git)")
+        for column in ("run", "worker", "code"):
+            differs.add_column(column, overflow="fold")
+        for row in status["code_differs"]:
+            differs.add_row(row["run_name"] or "-", row["worker"] or "-", row["code"].get("reason", "-"))
+        out.print(differs)
+    if status.get("wandb_offline"):
+        out.print("offline W&B runs; upload each with (on the worker's box, with WANDB_API_KEY set):")
+        for row in status["wandb_offline"]:
+            out.print(f"  {row['sync']}", soft_wrap=True)
     workers = Table(title="workers")
     for column in ("worker", "state", "queues", "job"):
         workers.add_column(column)

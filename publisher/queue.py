@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -13,6 +11,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from trainer.spec import ExperimentSpec, current_host, current_user
+from worker.code_version import git_state
 from worker.jobs import RUN_EXPERIMENT
 from worker.results import reserve_run_name
 
@@ -31,26 +30,6 @@ def rq_queue_name(spec: ExperimentSpec) -> str:
 
 def queue(connection: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=connection, serializer=JSONSerializer)
-
-
-def git_state(directory: Path | None = None) -> dict[str, Any]:
-    """The git commit of runyard's checkout (and whether it has uncommitted changes), if it is one."""
-    directory = directory or Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=directory,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        return {"git_sha": sha, "git_dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
 
 
 def publish_context() -> dict[str, Any]:

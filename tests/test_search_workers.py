@@ -214,7 +214,7 @@ def test_k3_spec_runs_3_fold_jobs_and_an_aggregate_with_mean_and_std(search_run)
     table = run_cli("runyard", "leaderboard", "--search", "cv", env=search_run.env).stdout
     assert "±" in table and "(k=3)" in table
     logged = summarize_run(find_run_file(summary["run_dir"]))
-    assert logged["run"]["group"] == "cv-001" and logged["run"]["job_type"] == "kfold-aggregate"
+    assert logged["run"]["group"] == "cv-001" and logged["run"]["job_type"] == "aggregate"
     assert logged["summary"]["val_f1_mean"] == pytest.approx(summary["mean"]["val_f1"])
     assert summarize_run(find_run_file(results[0]["run_dir"]))["run"]["group"] == "cv-001"
 
@@ -240,7 +240,7 @@ def test_comparison_picture_is_written_and_logged_to_wandb(search_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written["points"] == 4
     assert png.parent == search_run.home / "searches" / "lrs"
     logged = summarize_run(find_run_file(png.parent))
-    assert logged["run"]["group"] == "lrs" and logged["run"]["job_type"] == "search-comparison"
+    assert logged["run"]["group"] == "lrs" and logged["run"]["job_type"] == "compare"
     assert logged["history"][-1]["comparison._type"] == "image-file"
 
 

@@ -57,11 +57,12 @@ def _key(item) -> str:
 
 
 def summarize_run(path: str | Path) -> dict[str, Any]:
-    """config, history rows, summary and run metadata of one offline run file."""
+    """config, history rows, summary, artifacts and run metadata of one offline run file."""
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     run: dict[str, Any] = {}
+    artifacts: list[dict[str, Any]] = []
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -69,6 +70,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
                 "id": record.run.run_id,
                 "name": record.run.display_name,
                 "project": record.run.project,
+                "entity": record.run.entity,
                 "group": record.run.run_group,
                 "job_type": record.run.job_type,
                 "tags": list(record.run.tags),
@@ -83,7 +85,17 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in record.summary.update:
                 summary[_key(item)] = json.loads(item.value_json)
-    return {"run": run, "config": config, "history": history, "summary": summary}
+        elif kind == "artifact":
+            artifacts.append(
+                {
+                    "name": record.artifact.name,
+                    "type": record.artifact.type,
+                    "aliases": list(record.artifact.aliases),
+                    "metadata": json.loads(record.artifact.metadata or "{}"),
+                    "files": {entry.path: entry.size for entry in record.artifact.manifest.contents},
+                }
+            )
+    return {"run": run, "config": config, "history": history, "summary": summary, "artifacts": artifacts}
 
 
 def find_run_file(directory: str | Path) -> Path:

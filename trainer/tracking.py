@@ -14,6 +14,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# W&B's job_type of each kind of run runyard makes; the UI groups and filters runs by it.
+JOB_TYPES = ("train", "fold", "aggregate", "infer", "compare")  # compare: a search's comparison picture
+
 
 def wandb_mode() -> str:
     """WANDB_MODE if set, else online with an API key and offline without one."""
@@ -44,6 +47,8 @@ class WandbTracker:
         tags: list[str] | None = None,
         job_type: str = "train",
     ):
+        if job_type not in JOB_TYPES:
+            raise ValueError(f"job_type {job_type!r} is not one of {', '.join(JOB_TYPES)}")
         self.mode = wandb_mode()
         self.run = None
         self.project = project or os.environ.get("WANDB_PROJECT") or "runyard"
@@ -83,6 +88,36 @@ class WandbTracker:
                 run.summary[key] = value
 
         self._call(update)
+
+    def log_artifact(
+        self,
+        path: Path,
+        name: str,
+        kind: str,
+        aliases: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Log one file (best checkpoint: kind "model"; submission CSV: kind "submission") as an artifact.
+
+        The file is referenced where it lies, not copied into W&B's staging area: checkpoints are
+        large, and the run dir keeps them until `wandb sync` (or the online upload) has read them.
+        A missing file is skipped with a warning.
+        """
+        path = Path(path)
+        if self.run is None:
+            return
+        if not path.is_file():
+            log.warning("W&B artifact %s skipped: %s does not exist", name, path)
+            return
+
+        def upload(run):
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
+            artifact.add_file(str(path), policy="immutable", skip_cache=True)
+            run.log_artifact(artifact, aliases=aliases or None)
+
+        self._call(upload)
 
     def finish(self, exit_code: int = 0) -> None:
         self._call(lambda run: run.finish(exit_code=exit_code))

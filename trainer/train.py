@@ -92,6 +92,13 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def format_eta(seconds: float) -> str:
+    """Seconds -> `1h05m` or `4m09s`, for log lines."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 class Autocast:
     """AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); a no-op on CPU."""
 
@@ -133,6 +140,8 @@ class Trainer:
         """Train for the spec's epochs (or until `on_epoch` says stop); return the result."""
         spec = self.spec
         (self.run_dir / "spec.json").write_text(json.dumps(spec.to_payload() | {"run_name": self.run_name}, indent=2))
+        # Who published it and which code versions published and trained it (see worker.code_version).
+        (self.run_dir / "context.json").write_text(json.dumps(self.context, indent=2, default=str))
         with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
             csv.writer(handle).writerow(METRIC_COLUMNS)
         self.tracker = self._start_tracker()
@@ -190,7 +199,8 @@ class Trainer:
             csv.writer(handle).writerow([getattr(report, column) for column in METRIC_COLUMNS])
         self.tracker.log({key: value for key, value in asdict(report).items() if key != "epochs"}, step=epoch)
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f F1 %.4f | best F1 %.4f (epoch %d) | %.1fs",
+            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f F1 %.4f | best F1 %.4f (epoch %d) | %.1fs"
+            " | ETA %s",
             epoch,
             report.epochs,
             report.train_loss,
@@ -201,6 +211,7 @@ class Trainer:
             report.best_val_f1,
             report.best_epoch,
             report.seconds,
+            format_eta(report.eta_seconds),
         )
         return report
 
@@ -267,11 +278,19 @@ class Trainer:
             entity=spec.wandb.entity,
             group=spec.wandb.group,
             tags=spec.wandb.tags,
+            job_type="fold" if spec.kfold.k > 1 else "train",
         )
 
     def _result(self, setup_seconds: float, stopped_early: bool) -> dict[str, Any]:
         last = self.history[-1]
-        self.tracker.summary({"best_val_f1": self.best["val_f1"], "best_epoch": self.best["epoch"]})
+        self.tracker.summary({f"best_{key}": value for key, value in self.best.items()})  # best_val_f1, best_epoch...
+        self.tracker.log_artifact(
+            self.run_dir / "checkpoints" / "best.pt",
+            name=f"{self.run_name}-best",
+            kind="model",
+            aliases=["best"],
+            metadata={"epoch": self.best["epoch"], "val_f1": self.best["val_f1"], "model": self.spec.model},
+        )
         return {
             "run_name": self.run_name,
             "spec_hash": self.spec.spec_hash(),

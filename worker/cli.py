@@ -16,7 +16,9 @@ import time
 import click
 
 from trainer.spec import current_host
+from worker.code_version import CODE_DIR, FollowGitError, check_can_follow
 from worker.connection import RedisUnavailable, connect
+from worker.process import process_command
 
 
 def visible_gpu_count() -> int:
@@ -104,7 +106,12 @@ def worker_slots(gpus: str | None, cpu: bool, workers: int, name: str) -> list[t
 @click.option("--burst", is_flag=True, help="Quit once the queues are empty (for scripts and CI).")
 @click.option("--name", default=None, help="Worker name prefix.  [default: this host's name]")
 @click.option("--max-jobs", type=click.IntRange(1), default=None, help="Quit each worker after this many jobs.")
-def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs):
+@click.option(
+    "--follow-git",
+    is_flag=True,
+    help="Before each job, fast-forward runyard's git checkout to its upstream and restart on the new code.",
+)
+def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs, follow_git):
     """Run training jobs from the Redis queue: one RQ worker per GPU.
 
     Redis is REDIS_URL if set, else the embedded server under $RUNYARD_HOME. W&B logs online
@@ -114,24 +121,39 @@ def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs):
     Examples:
       worker --gpus 0,1,2,3
       worker --cpu --burst          # run what is queued, then quit
+      worker --gpus all --follow-git   # every job on the branch's latest commit
     """
     slots = worker_slots(gpus, cpu, workers, name or current_host())
+    if follow_git:
+        try:
+            upstream = check_can_follow(CODE_DIR)
+        except FollowGitError as error:
+            raise click.UsageError(f"--follow-git: {error}") from None
+        click.echo(f"worker: following {upstream} in {CODE_DIR}", err=True)
     try:
         connect()  # fail here with one clear line, before starting children; starts the embedded server
     except RedisUnavailable as error:
         raise click.ClickException(str(error)) from None
-    sys.exit(supervise(slots, queues, burst, max_jobs))
+    sys.exit(supervise(slots, queues, burst, max_jobs, follow_git))
 
 
-def supervise(slots: list[tuple[str, dict[str, str]]], queues: str, burst: bool, max_jobs: int | None) -> int:
+def supervise(
+    slots: list[tuple[str, dict[str, str]]],
+    queues: str,
+    burst: bool,
+    max_jobs: int | None,
+    follow_git: bool = False,
+) -> int:
     """Start the worker processes, pass signals on, and wait; the exit code is the worst child's."""
     children: list[subprocess.Popen] = []
     for name, extra_env in slots:
-        command = [sys.executable, "-m", "worker.process", "--name", name, "--queues", queues]
+        command = process_command("--name", name, "--queues", queues)
         if burst:
             command.append("--burst")
         if max_jobs:
             command += ["--max-jobs", str(max_jobs)]
+        if follow_git:
+            command.append("--follow-git")
         children.append(subprocess.Popen(command, env=os.environ | extra_env, start_new_session=True))
         click.echo(f"worker: started {name} (pid {children[-1].pid})", err=True)
 

@@ -58,6 +58,10 @@ def check_connection(connection: redis.Redis, url: str) -> None:
     try:
         connection.ping()
     except redis.AuthenticationError:
+        if not connection.connection_pool.connection_kwargs.get("password"):
+            raise RedisUnavailable(
+                f"Redis at {shown} wants a password: put it in REDIS_URL (redis://:PASSWORD@HOST:6379/0)"
+            ) from None
         raise RedisUnavailable(
             f"Redis at {shown} refused the password: put the right one in REDIS_URL (redis://:PASSWORD@HOST:6379/0)"
         ) from None

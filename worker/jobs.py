@@ -15,6 +15,7 @@ from rq import get_current_job
 from rq.job import Job
 
 from trainer.spec import SpecError, load_spec
+from worker.code_version import compare_code, loaded_code_state
 from worker.results import record_run
 from worker.search_trial import SearchTrial, open_search_trial
 
@@ -48,6 +49,10 @@ def run_experiment(
     from trainer.data import DataError
     from trainer.train import train
 
+    context, code = with_worker_code(context, job)
+    if job is not None:
+        job.meta["code"] = code
+        job.save_meta()
     progress = JobProgress(job, trial)
     try:
         result = train(experiment, on_epoch=progress.on_epoch, context=context)
@@ -61,6 +66,7 @@ def run_experiment(
     result["status"] = trial.finish(result) if trial else "finished"
     result["job_id"] = job.id if job else None
     result["worker"] = {"host": socket.gethostname(), "name": job.worker_name if job else None}
+    result["code"] = code
     if job is not None:
         summary = result | {
             "loss": experiment.loss,
@@ -77,6 +83,22 @@ def run_experiment(
         job.save_meta()
         record_run(job.connection, summary)
     return result
+
+
+def with_worker_code(context: dict[str, Any] | None, job: Job | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's context plus the training side (`context["worker"]`), and the code comparison.
+
+    The worker's commit is the one its process imported at start-up, not the checkout's HEAD now.
+    """
+    context = dict(context or {})
+    worker_code = loaded_code_state()
+    context["worker"] = {
+        "host": socket.gethostname(),
+        "name": job.worker_name if job else None,
+        "git_sha": worker_code["git_sha"],
+        "git_dirty": worker_code["git_dirty"],
+    }
+    return context, compare_code(context, worker_code)
 
 
 def aggregate_folds(

@@ -134,7 +134,7 @@ def _log_to_wandb(
         entity=experiment.wandb.entity,
         group=experiment.wandb.group,
         tags=experiment.wandb.tags,
-        job_type="kfold-aggregate",
+        job_type="aggregate",
     )
     try:
         for row in fold_rows:
