@@ -12,6 +12,8 @@ from runyard import __version__
 from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
 from runyard.doctor import doctor_command
+from runyard.infer_cli import infer_command
+from runyard.train_cli import train_command
 from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
 from worker.cli import worker_command
@@ -33,6 +35,10 @@ def main():
       worker --gpus 0,1,2,3                         # on each GPU box
       runyard status                                # what runs, with epoch and F1
       runyard leaderboard                           # best runs first
+    \b
+    Without a queue:
+      runyard train --config spec.yaml              # one spec, here and now
+      runyard infer RUN... --eval-dir data/eval     # a submission CSV from runs
     """
 
 
@@ -103,5 +109,7 @@ main.add_command(leaderboard_command)
 main.add_command(demo_command)
 main.add_command(dashboard_command)
 main.add_command(doctor_command)
+main.add_command(train_command)
+main.add_command(infer_command)
 main.add_command(schedule_search_command)
 main.add_command(compare_command)

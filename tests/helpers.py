@@ -70,6 +70,16 @@ def run_cli(name: str, *args: str, env: dict[str, str] | None = None, timeout: f
     )
 
 
+def make_image_folder(demo_data: Path, root: Path) -> Path:
+    """A 3-class ImageFolder (wear / incorrect / not_wear) from the demo photos; returns `root`."""
+    for folder in sorted((demo_data / "train" / "images").iterdir()):
+        for stem, label in (("mask1", "wear"), ("incorrect_mask", "incorrect"), ("normal", "not_wear")):
+            target = root / label / f"{folder.name}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((folder / f"{stem}.jpg").read_bytes())
+    return root
+
+
 def write_search(path: Path, data_dir: Path, parameters: dict[str, Any], **fields: Any) -> Path:
     """A search YAML at `path` whose points train tiny_spec (fields such as method, name go on top)."""
     import yaml

@@ -21,6 +21,7 @@ def fold_record(fold: int, f1: float) -> dict:
         "run_name": f"cv-001-fold{fold}",
         "best": {"val_f1": f1, "val_acc": f1 + 0.1, "epoch": 2},
         "epochs_completed": 2,
+        "run_dir": f"/runs/cv-001-fold{fold}",
         "durations": {"total_s": 10.0},
         "search": "cv",
         "metric": {"name": "val_f1", "goal": "maximize", "best": f1},
@@ -49,7 +50,7 @@ def test_aggregate_reports_mean_and_std_of_its_folds_on_the_search_board(connect
     assert result["std"]["val_f1"] == pytest.approx(statistics.pstdev(FOLD_F1))
     assert result["mean"]["val_acc"] == pytest.approx(statistics.fmean(FOLD_F1) + 0.1)
     assert [row["val_f1"] for row in result["folds"]] == FOLD_F1
-    assert result["ensemble"]["written"] is False  # no eval set in the spec yet
+    assert result["ensemble"] == {"written": False, "reason": "the spec has no eval_dir"}
     assert [row["run_name"] for row in leaderboard(connection, search="cv")] == ["cv-001"]
     assert "cv-001" not in [row["run_name"] for row in leaderboard(connection)]  # not a run of its own
     assert get_run(connection, "cv-001")["search_score"] == pytest.approx(statistics.fmean(FOLD_F1))

@@ -90,7 +90,7 @@ def search_run(redis_server, demo_data, tmp_path_factory) -> SearchRun:
             demo_data,
             grid,
             name="lrs",
-            fixed=tiny_spec(demo_data, epochs=2) | {"data_dir": str(mount)},
+            fixed=tiny_spec(demo_data, epochs=2, pictures=False) | {"data_dir": str(mount)},
             early_terminate={"type": "hyperband", "min_iter": 1, "eta": 3},
         ),
         "cv": write_search(
@@ -98,7 +98,7 @@ def search_run(redis_server, demo_data, tmp_path_factory) -> SearchRun:
             demo_data,
             {"loss": {"values": ["focal"]}},
             name="cv",
-            fixed=tiny_spec(demo_data) | {"kfold.k": 3},
+            fixed=tiny_spec(demo_data, pictures=False, eval_dir=str(demo_data / "eval")) | {"kfold.k": 3},
         ),
         "tpe": write_search(
             home / "tpe.yaml",
@@ -110,6 +110,7 @@ def search_run(redis_server, demo_data, tmp_path_factory) -> SearchRun:
             name="tpe",
             method="bayes",
             run_cap=2,
+            fixed=tiny_spec(demo_data, pictures=False),
         ),
     }
     run = SearchRun(connection, isolated_env(redis_server, home), home, files)
@@ -216,7 +217,24 @@ def test_k3_spec_runs_3_fold_jobs_and_an_aggregate_with_mean_and_std(search_run)
     logged = summarize_run(find_run_file(summary["run_dir"]))
     assert logged["run"]["group"] == "cv-001" and logged["run"]["job_type"] == "aggregate"
     assert logged["summary"]["val_f1_mean"] == pytest.approx(summary["mean"]["val_f1"])
-    assert summarize_run(find_run_file(results[0]["run_dir"]))["run"]["group"] == "cv-001"
+    fold_run = summarize_run(find_run_file(results[0]["run_dir"]))["run"]
+    assert fold_run["group"] == "cv-001" and fold_run["job_type"] == "fold"
+
+
+def test_k_fold_aggregate_writes_the_fold_ensemble_submission_and_scores_it(search_run, demo_data):
+    [published] = search_run.published["cv"]
+    [aggregate] = [job for job in published["jobs"] if job["run_name"] == "cv-001"]
+    summary = Job.fetch(aggregate["job_id"], connection=search_run.connection, serializer=JSONSerializer).return_value()
+    ensemble = summary["ensemble"]
+    assert ensemble["written"] and ensemble["voting"] == "soft"
+    with open(ensemble["path"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(demo_data / "eval" / "info.csv", newline="") as handle:
+        expected = [row["ImageID"] for row in csv.DictReader(handle)]
+    assert [row["ImageID"] for row in rows] == expected and all(0 <= int(row["ans"]) < 18 for row in rows)
+    assert 0.0 <= ensemble["eval"]["f1"] <= 1.0 and ensemble["eval"]["images"] == len(expected)
+    logged = summarize_run(find_run_file(summary["run_dir"]))
+    assert logged["summary"]["ensemble_eval_f1"] == pytest.approx(ensemble["eval"]["f1"])
 
 
 def test_bayes_trials_train_the_params_sampled_for_them(search_run):

@@ -62,7 +62,17 @@ def worker_run(redis_server, demo_data, tmp_path_factory) -> WorkerRun:
     spec = tiny_spec(demo_data, epochs=EPOCHS)
     spec.pop("pretrained")
     missing = publish_json(env, "--no-pretrained", *spec_args(spec | {"data_dir": str(home / "nowhere")}))
-    good = publish_json(env, "--no-pretrained", *spec_args(spec), "--wandb-group", "g1", "--wandb-tags", "a,b")
+    good = publish_json(
+        env,
+        "--no-pretrained",
+        *spec_args(spec),
+        "--wandb-group",
+        "g1",
+        "--wandb-tags",
+        "a,b",
+        "--eval-dir",
+        str(demo_data / "eval"),
+    )
 
     worker = subprocess.Popen(
         [str(BIN / "worker"), "--cpu", "--burst"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -128,6 +138,20 @@ def test_run_dir_holds_spec_metrics_checkpoints_and_log(worker_run):
     assert (run_dir / "checkpoints" / "best.pt").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last.pt").stat().st_size > 0
     assert f"epoch {EPOCHS}/{EPOCHS}" in (run_dir / "train.log").read_text()
+
+
+def test_job_with_an_eval_dir_writes_the_submission_itself(worker_run):
+    result = worker_run.good.return_value()
+    submission = Path(result["submission"]["path"])
+    assert submission == Path(result["run_dir"]) / "submission.csv"
+    with open(submission) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == result["submission"]["eval"]["images"] == 18
+    assert all(0 <= int(row["ans"]) < 18 for row in rows)
+    artifacts = {
+        artifact["name"]: artifact for artifact in summarize_run(find_run_file(result["run_dir"]))["artifacts"]
+    }
+    assert artifacts[f"{result['run_name']}-submission"]["type"] == "submission"
 
 
 def test_meta_shows_each_epoch_while_the_job_runs(worker_run):

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.relabel import Correction
 
 NUM_CLASSES = 18
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -53,8 +57,14 @@ def class_name(label: int) -> str:
     return f"{MASK_NAMES[mask]}/{GENDER_NAMES[gender]}/{AGE_NAMES[age]}"
 
 
-def scan_mask_dataset(data_dir: str | Path, age_threshold: int = 60) -> list[Sample]:
-    """Every image of the mask layout with its label; raises DataError naming what is wrong."""
+def scan_mask_dataset(
+    data_dir: str | Path, age_threshold: int = 60, corrections: Mapping[str, Correction] | None = None
+) -> list[Sample]:
+    """Every image of the mask layout with its label; raises DataError naming what is wrong.
+
+    `corrections` (profile id -> Correction, see trainer.relabel) fix labels as they are read.
+    """
+    corrections = corrections or {}
     images_dir = Path(data_dir) / "images"
     if not images_dir.is_dir():
         raise DataError(
@@ -69,13 +79,18 @@ def scan_mask_dataset(data_dir: str | Path, age_threshold: int = 60) -> list[Sam
         if len(parts) != 4 or parts[1] not in GENDERS or not parts[3].isdigit():
             raise DataError(f"{profile_dir} is not named <id>_<gender>_<race>_<age> (e.g. 000001_female_Asian_45)")
         profile, gender, _race, age = parts
+        correction = corrections.get(profile)
+        if correction is not None:
+            gender = correction.gender or gender
+            age = str(correction.age or age)
         age_label = age_class(int(age), age_threshold)
         for image in sorted(profile_dir.iterdir()):
             if image.name.startswith(".") or image.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if image.stem not in MASK_STATES:
                 continue
-            label = mask_label(MASK_STATES[image.stem], GENDERS[gender], age_label)
+            mask_state = correction.mask_state(image.stem) if correction else MASK_STATES[image.stem]
+            label = mask_label(mask_state, GENDERS[gender], age_label)
             samples.append(Sample(str(image), label, profile))
     if not samples:
         raise DataError(f"no images found under {images_dir}")
@@ -85,11 +100,7 @@ def scan_mask_dataset(data_dir: str | Path, age_threshold: int = 60) -> list[Sam
 def scan_image_folder(data_dir: str | Path) -> tuple[list[Sample], list[str]]:
     """One sub-folder per class (sorted names -> labels 0..n-1); each image is its own profile."""
     root = Path(data_dir)
-    if not root.is_dir():
-        raise DataError(f"{root} is not a directory: an image_folder dataset needs one folder per class")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{root} has {len(classes)} class folder(s); an image_folder dataset needs at least 2")
+    classes = image_folder_classes(root)
     samples = []
     for label, name in enumerate(classes):
         for image in sorted((root / name).rglob("*")):
@@ -98,6 +109,17 @@ def scan_image_folder(data_dir: str | Path) -> tuple[list[Sample], list[str]]:
     if not samples:
         raise DataError(f"no images found under {root}")
     return samples, classes
+
+
+def image_folder_classes(data_dir: str | Path) -> list[str]:
+    """The class names of an image_folder dataset: its sub-folders, sorted (label = index)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory: an image_folder dataset needs one folder per class")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root} has {len(classes)} class folder(s); an image_folder dataset needs at least 2")
+    return classes
 
 
 def profile_group(sample: Sample) -> int:

@@ -9,12 +9,31 @@ import timm
 import torch
 from torch import nn
 
+from trainer.heads import MultiHeadModel
 from trainer.spec import ExperimentSpec
 
 
+class PretrainedWeightsError(RuntimeError):
+    """timm could not get the pretrained weights (no connection and not in the Hugging Face cache)."""
+
+
 def create_model(spec: ExperimentSpec, num_classes: int) -> nn.Module:
-    """timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes)."""
-    return timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes)
+    """timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes).
+
+    With `heads: multi`, the same backbone without its classifier under three task heads.
+    """
+    try:
+        if spec.heads == "multi":
+            return MultiHeadModel(timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=0))
+        return timm.create_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes)
+    except OSError as error:  # huggingface_hub's download errors are OSErrors
+        if not spec.pretrained:
+            raise
+        raise PretrainedWeightsError(
+            f"cannot get pretrained weights for {spec.model}: {str(error).splitlines()[0]}; "
+            "connect this box to huggingface.co once (the weights are cached under HF_HOME) "
+            "or train from scratch with pretrained: false (--no-pretrained)"
+        ) from None
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

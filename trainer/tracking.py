@@ -82,6 +82,16 @@ class WandbTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._call(lambda run: run.log(metrics, step=step))
 
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        """Log image files (PNG) as W&B images under their names."""
+
+        def log_files(run):
+            import wandb
+
+            run.log({name: wandb.Image(str(path)) for name, path in images.items()}, step=step)
+
+        self._call(log_files)
+
     def summary(self, values: dict[str, Any]) -> None:
         def update(run):
             for key, value in values.items():

@@ -6,6 +6,7 @@ flag answers through it).
 
 Run dir ($RUNYARD_HOME/runs/<run_name>, or the spec's output_dir):
     spec.json  metrics.csv  train.log  result.json  checkpoints/{best,last}.pt  wandb/
+    pictures/{confusion_matrix,per_class_f1,val_predictions}.png  submission.csv (with eval_dir)
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 
-from trainer.loaders import build_loaders, load_samples
-from trainer.losses import create_loss
+from trainer.data import DataError
+from trainer.heads import predict_classes
+from trainer.loaders import build_loaders, class_counts, class_names, load_samples
+from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
+from trainer.mixing import BatchMixer
 from trainer.models import create_model, normalization, parameter_count
 from trainer.paths import runs_root
+from trainer.pictures import save_run_pictures
 from trainer.spec import ExperimentSpec
 from trainer.tracking import WandbTracker
 
@@ -63,6 +69,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_determinism(enabled: bool) -> None:
+    """Deterministic kernels where they exist (cuDNN, cuBLAS); CPU training is deterministic already."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before the first matmul
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def pick_device(spec: ExperimentSpec) -> torch.device:
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -79,9 +95,18 @@ def create_optimizer(spec: ExperimentSpec, model: torch.nn.Module) -> torch.opti
 
 
 def create_scheduler(spec: ExperimentSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The spec's per-epoch schedule, after `warmup_epochs` of linear warmup when asked for."""
+    main_epochs = spec.epochs - spec.warmup_epochs
     if spec.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=spec.lr_decay_step, gamma=spec.lr_gamma)
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
+    else:
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=spec.lr_decay_step, gamma=spec.lr_gamma)
+    if spec.warmup_epochs == 0:
+        return main
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1 / (spec.warmup_epochs + 1), total_iters=spec.warmup_epochs
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[spec.warmup_epochs])
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -123,16 +148,28 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.context = context or {}
         seed_everything(spec.seed)
+        configure_determinism(spec.deterministic)
         self.device = pick_device(spec)
+        if spec.eval_dir and not (Path(spec.eval_dir).expanduser() / "info.csv").is_file():
+            # Found out now, not after hours of training.
+            raise DataError(f"eval_dir {spec.eval_dir} has no info.csv (an eval dir holds images/ and info.csv)")
         samples, self.num_classes = load_samples(spec)
+        self.class_names = class_names(spec, self.num_classes)
         self.model = create_model(spec, self.num_classes).to(self.device)
         mean, std = normalization(self.model)
         self.train_loader, self.val_loader = build_loaders(spec, samples, mean, std, self.device)
-        self.loss_fn = create_loss(spec.loss, self.num_classes)
+        self.class_counts = class_counts(self.train_loader.dataset.samples, self.num_classes)
+        self.loss_fn = create_criterion(spec, self.num_classes, self.class_counts).to(self.device)
+        self.mixer = BatchMixer(spec.mixup, spec.cutmix) if spec.mixup or spec.cutmix else None
+        # Decay warm-up: early updates follow the weights closely, so short runs still gain.
+        self.ema = ModelEmaV3(self.model, decay=spec.ema_decay, use_warmup=True) if spec.ema_decay else None
         self.optimizer = create_optimizer(spec, self.model)
         self.scheduler = create_scheduler(spec, self.optimizer)
         self.autocast = Autocast(self.device, spec.amp)
         self.best: dict[str, Any] = {"epoch": 0, "val_f1": -1.0}
+        self.best_eval: dict[str, Any] | None = None  # the best epoch's validation, for the pictures
+        self.steps = 0
+        self.stop_reason: str | None = None
         self.history: list[EpochReport] = []
         self.tracker: WandbTracker | None = None
 
@@ -162,8 +199,12 @@ class Trainer:
                 report = self._run_epoch(epoch, setup_seconds)
                 if on_epoch is not None and on_epoch(report):
                     stopped_early = epoch < spec.epochs
+                    self.stop_reason = "requested" if stopped_early else None  # a cancel or a pruner
                     break
-            result = self._result(setup_seconds, stopped_early)
+                if self._patience_exhausted(report):
+                    stopped_early = epoch < spec.epochs
+                    break
+            result = self._result(setup_seconds, stopped_early) | self._write_outputs()
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
             return result
         finally:
@@ -177,6 +218,7 @@ class Trainer:
         val = self.evaluate()
         if val["f1"] > self.best["val_f1"]:
             self.best = {"epoch": epoch, "val_f1": val["f1"], "val_acc": val["acc"], "val_loss": val["loss"]}
+            self.best_eval = val
             save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "best.pt")
         save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "last.pt")
         now = time.perf_counter()
@@ -223,32 +265,70 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
+            mixed = self.mixer(images, labels) if self.mixer else None
             with self.autocast():
-                logits = self.model(images)
-                loss = self.loss_fn(logits, labels)
+                logits = self.model(mixed.images if mixed else images)
+                loss = mixed.loss(self.loss_fn, logits) if mixed else self.loss_fn(logits, labels)
             self.autocast.scaler.scale(loss).backward()
+            self._clip_gradients()
             self.autocast.scaler.step(self.optimizer)
             self.autocast.scaler.update()
+            self.steps += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.steps)
             total_loss += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            targets = mixed.dominant_labels if mixed else labels
+            correct += int((predict_classes(logits, self.spec.heads) == targets).sum())
             seen += len(labels)
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
+    def _clip_gradients(self) -> None:
+        if self.spec.grad_clip > 0:
+            self.autocast.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+
+    def _patience_exhausted(self, report: EpochReport) -> bool:
+        """Early stopping: no better val F1 for `early_stopping_patience` epochs."""
+        patience = self.spec.early_stopping_patience
+        if patience and report.epoch - report.best_epoch >= patience:
+            self.stop_reason = "early_stopping"
+            log.info(
+                "early stopping: no better val F1 than %.4f (epoch %d) for %d epochs",
+                report.best_val_f1,
+                report.best_epoch,
+                patience,
+            )
+            return True
+        return False
+
     @torch.inference_mode()
     def evaluate(self) -> dict[str, Any]:
-        """Loss, accuracy, macro F1 and the confusion matrix on the validation split."""
-        self.model.eval()
+        """Loss, accuracy, macro F1, the confusion matrix and each image's prediction on the validation split.
+
+        With `ema_decay` set, the EMA weights are what is evaluated (and what inference uses).
+        """
+        model = self.ema.module if self.ema is not None else self.model
+        model.eval()
         total_loss, seen = 0.0, 0
         matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        predictions = []
         for images, labels in self.val_loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.model(images)
+                logits = model(images)
             total_loss += float(self.loss_fn(logits.float(), labels)) * len(labels)
             seen += len(labels)
-            matrix += confusion_matrix(logits.argmax(dim=1).cpu(), labels.cpu(), self.num_classes)
-        return {"loss": total_loss / max(seen, 1), "acc": accuracy(matrix), "f1": macro_f1(matrix), "matrix": matrix}
+            predicted = predict_classes(logits, self.spec.heads).cpu()
+            matrix += confusion_matrix(predicted, labels.cpu(), self.num_classes)
+            predictions.append(predicted)
+        return {
+            "loss": total_loss / max(seen, 1),
+            "acc": accuracy(matrix),
+            "f1": macro_f1(matrix),
+            "matrix": matrix,
+            "predictions": torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64),
+        }
 
     def _checkpoint(self, epoch: int, val_f1: float) -> dict[str, Any]:
         return {
@@ -261,7 +341,53 @@ class Trainer:
             "best": self.best,
             "spec": self.spec.to_payload(),
             "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "class_counts": self.class_counts,
+            **({"ema": self.ema.module.state_dict(), "steps": self.steps} if self.ema is not None else {}),
         }
+
+    def _write_outputs(self) -> dict[str, Any]:
+        """After training: the pictures of the best epoch and, with an eval_dir, the submission."""
+        outputs: dict[str, Any] = {"stop_reason": self.stop_reason}
+        if self.spec.pictures and self.best_eval is not None:
+            pictures = save_run_pictures(
+                self.run_dir,
+                self.best_eval["matrix"],
+                self.val_loader.dataset.samples,
+                self.best_eval["predictions"].tolist(),
+                self.class_names,
+            )
+            self.tracker.log_images(
+                {f"pictures/{name}": path for name, path in pictures.items()}, step=self.history[-1].epoch
+            )
+            outputs["pictures"] = {name: str(path) for name, path in pictures.items()}
+        if self.spec.eval_dir:
+            outputs["submission"] = self._write_submission()
+        return outputs
+
+    def _write_submission(self) -> dict[str, Any]:
+        from trainer.infer import predict_submission, score_submission
+
+        path = predict_submission(
+            [self.run_dir],
+            self.spec.eval_dir,
+            tta=self.spec.tta,
+            output=self.run_dir / "submission.csv",
+            device=self.device.type,
+            progress=log.info,
+        )
+        submission: dict[str, Any] = {"path": str(path), "tta": self.spec.tta}
+        answers = Path(self.spec.eval_dir).expanduser() / "answers.csv"
+        if answers.is_file():  # the demo data knows its eval labels
+            submission |= {"eval": score_submission(path, answers, self.num_classes)}
+            log.info("submission scored against %s: macro F1 %.4f", answers, submission["eval"]["f1"])
+        self.tracker.log_artifact(
+            path,
+            name=f"{self.run_name}-submission",
+            kind="submission",
+            metadata={"tta": self.spec.tta, "best_epoch": self.best["epoch"], **submission.get("eval", {})},
+        )
+        return submission
 
     def _start_tracker(self) -> WandbTracker:
         spec = self.spec

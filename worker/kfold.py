@@ -1,4 +1,5 @@
-"""The aggregate of a k-fold set: mean ± std of its folds' metrics, in the search's records and W&B.
+"""The aggregate of a k-fold set: mean ± std of its folds' metrics, in the search's records and W&B,
+and with the spec's eval_dir the fold-ensemble submission (soft vote of the folds' best checkpoints).
 
 schedule-search publishes a spec with kfold.k = K as K fold jobs plus one aggregate job that
 depends on them (RQ `depends_on`, failures allowed so a failed fold is reported rather than
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from rq.job import Job
@@ -40,13 +42,23 @@ def summarize_folds(records: list[dict[str, Any]], metric: str) -> dict[str, dic
     return summary
 
 
-def write_fold_ensemble(spec: Any, fold_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fold-ensemble submission (soft vote of the folds' best checkpoints on the eval set).
+def write_fold_ensemble(spec: Any, fold_rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """Soft-vote the folds' best checkpoints on the spec's eval_dir into run_dir/submission.csv.
 
-    This is the one call site for it. The spec has no eval set yet and the trainer has no
-    inference entry point (trainer.infer, the trainer issue): until both exist nothing is written.
+    Scored too when the eval dir has answers (the demo data's eval/answers.csv). Without an
+    eval_dir there is nothing to write.
     """
-    return {"written": False, "reason": "the spec names no eval set (needs trainer.infer and an eval_dir field)"}
+    if not spec.eval_dir:
+        return {"written": False, "reason": "the spec has no eval_dir"}
+    from trainer.infer import load_runs, score_submission, submit
+
+    runs = load_runs([row["run_dir"] for row in fold_rows], checkpoint="best", device=spec.device)
+    path = submit(runs, spec.eval_dir, voting="soft", tta=spec.tta, output=run_dir / "submission.csv")
+    ensemble: dict[str, Any] = {"written": True, "path": str(path), "voting": "soft", "tta": spec.tta}
+    answers = Path(spec.eval_dir).expanduser() / "answers.csv"
+    if answers.is_file():  # the demo data knows its eval labels
+        ensemble["eval"] = score_submission(path, answers, runs[0].num_classes)
+    return ensemble
 
 
 def aggregate(
@@ -80,13 +92,14 @@ def aggregate(
             "status": record.get("status", "finished"),
             **{name: float(record["best"][name]) for name in FOLD_METRICS},
             "best_epoch": record["best"]["epoch"],
+            "run_dir": record["run_dir"],
         }
         for fold, record in zip(sorted(folds, key=lambda fold: fold["fold"]), records, strict=True)
     ]
     run_dir = runs_root(experiment.output_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    ensemble = write_fold_ensemble(experiment, fold_rows)
-    wandb_info = _log_to_wandb(experiment, run_name, run_dir, fold_rows, metrics)
+    ensemble = write_fold_ensemble(experiment, fold_rows, run_dir)
+    wandb_info = _log_to_wandb(experiment, run_name, run_dir, fold_rows, metrics, ensemble)
     best = {"val_f1": metrics["val_f1"]["mean"], "val_acc": metrics["val_acc"]["mean"], "epoch": None}
     result = {
         "run_name": run_name,
@@ -119,11 +132,13 @@ def aggregate(
 def _log_to_wandb(
     experiment: Any,
     run_name: str,
-    run_dir: Any,
+    run_dir: Path,
     fold_rows: list[dict[str, Any]],
     metrics: dict[str, dict[str, float]],
+    ensemble: dict[str, Any],
 ) -> dict[str, Any]:
-    """One W&B run for the set, in the folds' group: each fold's best as a step, mean ± std as summary."""
+    """One W&B run for the set, in the folds' group: each fold's best as a step, mean ± std as summary,
+    the fold-ensemble submission as an artifact."""
     from trainer.tracking import WandbTracker
 
     tracker = WandbTracker(
@@ -139,10 +154,24 @@ def _log_to_wandb(
     try:
         for row in fold_rows:
             tracker.log({f"fold_{name}": row[name] for name in FOLD_METRICS}, step=row["fold"] + 1)
+        scored = {f"ensemble_eval_{key}": value for key, value in ensemble.get("eval", {}).items()}
         tracker.summary(
             {f"{name}_{stat}": value[stat] for name, value in metrics.items() for stat in ("mean", "std")}
             | {"k": len(fold_rows)}
+            | scored
         )
+        if ensemble["written"]:
+            tracker.log_artifact(
+                Path(ensemble["path"]),
+                name=f"{run_name}-submission",
+                kind="submission",
+                metadata={
+                    "voting": "soft",
+                    "tta": ensemble["tta"],
+                    "folds": len(fold_rows),
+                    **ensemble.get("eval", {}),
+                },
+            )
         return tracker.describe()
     finally:
         tracker.finish()
