@@ -63,9 +63,20 @@ def schedule(run: SearchRun, name: str) -> dict:
 
 
 def work(run: SearchRun, *args: str) -> None:
-    worker = subprocess.run(
-        [str(BIN / "worker"), "--cpu", "--burst", *args], capture_output=True, text=True, env=run.env, timeout=600
-    )
+    """`worker --cpu --burst ARGS` until the queues are empty."""
+    _run_worker(run, [str(BIN / "worker"), "--cpu", "--burst", *args], run.env)
+
+
+def work_one_thread(run: SearchRun, max_jobs: int) -> None:
+    """One burst worker process (what `worker --cpu` starts per slot) on one torch thread, for
+    `max_jobs` jobs: on a busy 2-core box two threads make each epoch several times slower."""
+    command = [sys.executable, "-m", "worker.process", "--name", "search-test", "--burst", "--max-jobs", str(max_jobs)]
+    # No test reads these runs' W&B: skip it to save the time.
+    _run_worker(run, command, run.env | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"})
+
+
+def _run_worker(run: SearchRun, command: list[str], env: dict[str, str]) -> None:
+    worker = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     run.worker_output += worker.stdout + worker.stderr
     assert worker.returncode == 0, run.worker_output[-3000:]
 
@@ -118,10 +129,10 @@ def search_run(redis_server, demo_data, tmp_path_factory) -> SearchRun:
     schedule(run, "lrs")
     schedule(run, "cv")
     schedule(run, "tpe")
-    work(run, "--max-jobs", "3")
+    work_one_thread(run, max_jobs=3)
     run.status["after three"] = search_status(run, "lrs")
     mount.unlink()
-    work(run, "--max-jobs", "1")
+    work_one_thread(run, max_jobs=1)
     mount.symlink_to(demo_data / "train")
     run.status["after the failure"] = search_status(run, "lrs")
     schedule(run, "lrs")
