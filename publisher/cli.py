@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
 from publisher.search_status import (
@@ -27,6 +28,7 @@ from publisher.search_status import (
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
+from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -79,8 +81,15 @@ def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec
     help="Retries after a crash.",
 )
 @click.option("--timeout", default="48h", show_default=True, help="Job time limit (3600, 90m, 48h, 2d).")
+@click.option(
+    "--max-requeues",
+    type=click.IntRange(0, 100),
+    default=DEFAULT_MAX_REQUEUES,
+    show_default=True,
+    help="Times the job is requeued after its worker died before it fails as `crashed`.",
+)
 @spec_options
-def publish_command(config, dry_run, as_json, retries, timeout, **parameters):
+def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **parameters):
     """Validate one experiment spec and put it on the Redis queue.
 
     Every spec field is an option; a --config YAML file gives the base and options override it.
@@ -110,7 +119,7 @@ def publish_command(config, dry_run, as_json, retries, timeout, **parameters):
             click.echo(f"# spec hash {spec.spec_hash()}; dry run: nothing enqueued", err=True)
         return
     connection = connect_or_fail()
-    job = publish_experiment(connection, spec, retries=retries, timeout_s=timeout_s)
+    job = publish_experiment(connection, spec, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
     run_name = job.meta["run_name"]
     if as_json:
         click.echo(
@@ -177,7 +186,7 @@ def status_command(as_json, search):
             )
         out.print(running)
     if status["failed"]:
-        failed = Table(title="failed")
+        failed = Table(title="failed and cancelled")
         for column in ("run", "job", "reason", "error"):
             failed.add_column(column, overflow="fold")
         for row in status["failed"]:
@@ -257,3 +266,44 @@ def leaderboard_command(limit, as_json, search):
         click.echo("no finished runs yet")
     else:
         console().print(leaderboard_table(rows))
+
+
+@click.command("cancel", context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, metavar="[JOB_ID|RUN_NAME]...")
+@click.option("--search", default=None, metavar="NAME", help="Cancel every active job of this search.")
+@click.option("--force", is_flag=True, help="Kill running jobs now (RQ's stop-job) instead of at the next step.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def cancel_command(jobs, search, force, as_json):
+    """Cancel queued or running experiments.
+
+    Queued jobs are removed from their queue. A running job stops at its next step boundary
+    (after the current optimizer step), keeps its checkpoint and ends as cancelled; --force
+    kills its work horse at once instead.
+
+    \b
+    Examples:
+      runyard cancel 2611271251_alice_efficientnet_b2_adam_f1_64_imgaug_30
+      runyard cancel --search lr-sweep
+    """
+    if not jobs and not search:
+        fail("name a job (its id or run name) or a search: runyard cancel JOB_ID|RUN_NAME | --search NAME")
+    connection = connect_or_fail()
+    matched = find_jobs(connection, list(jobs), search)
+    if not matched:
+        what = f"search {search!r}" if search else ", ".join(repr(name) for name in jobs)
+        fail(f"no queued or running job matches {what}; `runyard status` lists them")
+    found = {job.id for job in matched} | {job.meta.get("run_name") for job in matched}
+    missing = [name for name in jobs if name not in found and not any(job.description == name for job in matched)]
+    done = [cancel_job(connection, job, force=force) for job in matched]
+    if as_json:
+        click.echo(json.dumps({"cancelled": [item.to_dict() for item in done], "not_found": missing}, indent=2))
+        return
+    verbs = {
+        "cancelled": "cancelled (it had not started)",
+        "stopping": "stops at its next step boundary, checkpoint kept",
+        "killed": "killed (--force)",
+    }
+    for item in done:
+        click.echo(f"{item.run_name or item.job_id}: {verbs[item.action]}  [job {item.job_id}, was {item.was}]")
+    for name in missing:
+        click.echo(f"warning: no queued or running job matches {name!r}", err=True)

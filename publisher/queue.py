@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
+from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.jobs import RUN_EXPERIMENT
 from worker.results import reserve_run_name
 
@@ -43,6 +44,7 @@ def publish_experiment(
     context: dict[str, Any] | None = None,
     retries: int = DEFAULT_RETRIES,
     timeout_s: int = JOB_TIMEOUT_S,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
 ) -> Job:
     """Enqueue `spec` (with a unique run name) for `worker.jobs.run_experiment`; return the RQ job."""
     run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
@@ -61,5 +63,6 @@ def publish_experiment(
             "spec_hash": spec.spec_hash(),
             "model": spec.model,
             "epochs": spec.epochs,
+            "max_requeues": max_requeues,
         },
     )

@@ -44,6 +44,7 @@ def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
         "code": meta.get("code") or {},
         "failure_reason": meta.get("failure_reason"),
         "failure_message": meta.get("failure_message"),
+        "requeues": meta.get("requeues", 0),
     }
 
 
@@ -93,6 +94,13 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
         for job in _fetch(connection, failed_ids[-LISTED_PER_STATE:]):
             row = _job_row(job, queue.name)
             row["error"] = row["failure_message"] or _failure_line(job)
+            failed.append(row)
+        cancelled_ids = queue.canceled_job_registry.get_job_ids()
+        queues[-1]["cancelled"] = len(cancelled_ids)
+        for job in _fetch(connection, cancelled_ids[-LISTED_PER_STATE:]):
+            row = _job_row(job, queue.name)
+            row["failure_reason"] = row["failure_reason"] or "cancelled"
+            row["error"] = row["failure_message"] or "cancelled"
             failed.append(row)
     workers = []
     for worker in Worker.all(connection=connection, serializer=JSONSerializer):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from publisher.cli import CONTEXT, fail, leaderboard_command, publish_command, status_command
+from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
 from runyard import __version__
 from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
@@ -16,7 +16,7 @@ from runyard.infer_cli import infer_command
 from runyard.train_cli import train_command
 from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
-from worker.cli import worker_command
+from worker.cli import janitor_command, worker_command
 from worker.connection import embedded_server, mask_url, redis_url
 from worker.embedded import EmbeddedRedisError
 
@@ -109,6 +109,8 @@ main.add_command(leaderboard_command)
 main.add_command(demo_command)
 main.add_command(dashboard_command)
 main.add_command(doctor_command)
+main.add_command(cancel_command)
+main.add_command(janitor_command)
 main.add_command(train_command)
 main.add_command(infer_command)
 main.add_command(schedule_search_command)

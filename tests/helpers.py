@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +70,52 @@ def run_cli(name: str, *args: str, env: dict[str, str] | None = None, timeout: f
     return subprocess.run(
         [str(BIN / name), *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=timeout
     )
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, read from /proc (a worker's work horse and scheduler)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def kill_worker(pid: int) -> None:
+    """kill -9 a worker process and everything it started (the work horse has its own process group)."""
+    groups = {pid}
+    for child in child_pids(pid):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(child))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def start_worker(env: dict[str, str], name: str, log_path: Path, *extra: str) -> subprocess.Popen:
+    """One runyard worker process (what `worker` starts per GPU), in its own session, logging to a file."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.process", "--name", name, *extra],
+        env=env,
+        stdout=open(log_path, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def make_image_folder(demo_data: Path, root: Path) -> Path:

@@ -110,6 +110,13 @@ BAD_INPUTS = [
     (["--config", "{tmp}/list.yaml"], "list.yaml: a spec file must be a mapping"),
     (["--config", "{tmp}/typo.yaml"], "batchsize: unknown field; did you mean batch_size"),
     (["--config", "{tmp}/secret.yaml"], "wandb_api_key: looks like a secret"),
+    (["--data-dir", "s3://alice:hunter2@bucket/train"], "data_dir: looks like it holds a password inside a URL"),
+    (["--output-dir", "https://bob:pw@share/runs"], "output_dir: looks like it holds a password inside a URL"),
+    (["--wandb-tags", "a," + "0123456789abcdef" * 3], "wandb.tags: looks like it holds an API-key-like token"),
+    (["--grad-accum-steps", "0"], "grad_accum_steps: Input should be greater than or equal to 1"),
+    (["--min-batch-size", "0"], "min_batch_size: Input should be greater than or equal to 1"),
+    (["--max-requeues", "-1"], "--max-requeues': -1 is not in the range 0<=x<=100"),
+    (["--config", "{tmp}/secret-value.yaml"], "looks like it holds an API-key-like token"),
 ]
 
 
@@ -119,10 +126,12 @@ def test_bad_input_exits_2_names_the_field_and_enqueues_nothing(connection, tmp_
     _write(tmp_path, "list.yaml", "- model: resnet50\n")
     _write(tmp_path, "typo.yaml", "batchsize: 32\n")
     _write(tmp_path, "secret.yaml", "wandb_api_key: abc123\n")
+    _write(tmp_path, "secret-value.yaml", "wandb.tags: [" + "ab" * 20 + "]\n")
     result = publish(*[arg.format(tmp=tmp_path) for arg in args])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+    assert "hunter2" not in result.output and "0123456789abcdef" * 3 not in result.output  # secrets not echoed
     assert enqueued_job_count(connection) == 0
 
 

@@ -103,3 +103,22 @@ def find_run_file(directory: str | Path) -> Path:
     if not files:
         raise FileNotFoundError(f"no offline W&B run under {directory}/wandb")
     return files[-1]
+
+
+def find_run_files(directory: str | Path) -> list[Path]:
+    """Every offline run file under a run dir, oldest first (a resumed job writes one per attempt)."""
+    return sorted(Path(directory).glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def synced_history(directory: str | Path) -> list[dict[str, Any]]:
+    """The history W&B ends up with once every offline attempt of a run is synced, in order.
+
+    Each attempt of a resumed job writes its own offline file under the same run id; W&B keeps a
+    run's steps increasing, so a row whose step is not past the last kept one is dropped.
+    """
+    kept: list[dict[str, Any]] = []
+    for path in find_run_files(directory):
+        for row in summarize_run(path)["history"]:
+            if not kept or row["_step"] > kept[-1]["_step"]:
+                kept.append(row)
+    return kept

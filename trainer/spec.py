@@ -51,10 +51,26 @@ ALIASES: dict[str, dict[str, str]] = {
 
 # Fields that say where or how a run is scheduled, not what it computes: they stay out of the hash.
 NON_RESULT_FIELDS = frozenset(
-    {"run_name", "queue", "priority", "wandb", "output_dir", "num_workers", "device", "eval_dir", "pictures"}
+    {
+        "run_name",
+        "queue",
+        "priority",
+        "wandb",
+        "output_dir",
+        "num_workers",
+        "device",
+        "eval_dir",
+        "pictures",
+        "min_batch_size",
+    }
 )
 
 SECRET_WORDS = ("key", "token", "password", "passwd", "secret")
+# Values that carry a secret: a password inside a URL, or an API-key-like token (W&B keys are 40 hex).
+SECRET_VALUE_PATTERNS = (
+    (re.compile(r"://[^/@\s:]*:[^/@\s]+@"), "a password inside a URL"),
+    (re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{40,}(?![0-9a-fA-F])"), "an API-key-like token"),
+)
 
 
 class SpecError(ValueError):
@@ -83,6 +99,18 @@ def check_model_name(name: str) -> str:
     raise ValueError(f"unknown timm model {name!r}{hint}")
 
 
+def reject_secret(value: Any) -> Any:
+    """Refuse a string that carries a secret: specs travel through Redis and W&B in clear text."""
+    if isinstance(value, str):
+        for pattern, what in SECRET_VALUE_PATTERNS:
+            if pattern.search(value):
+                raise ValueError(
+                    f"looks like it holds {what}, and secrets never go in a spec or into Redis: "
+                    "give credentials to the workers through their environment (e.g. WANDB_API_KEY)"
+                )
+    return value
+
+
 def _canonical_choice(field: str, value: Any, choices: tuple[str, ...]) -> Any:
     if not isinstance(value, str):
         return value
@@ -109,6 +137,13 @@ class WandbSettings(BaseModel):
     def _split_tags(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [tag.strip() for tag in value.split(",") if tag.strip()]
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _no_secret_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            reject_secret(tag)
         return value
 
 
@@ -188,6 +223,12 @@ class ExperimentSpec(BaseModel):
         0, ge=0, le=1000, description="stop after this many epochs without a better val F1; 0 = off"
     )
     deterministic: bool = Field(False, description="deterministic kernels on GPU too (slower); CPU runs always are")
+    grad_accum_steps: int = Field(
+        1, ge=1, le=1024, description="batches per optimizer step (effective batch = batch_size x this)"
+    )
+    min_batch_size: int = Field(
+        8, ge=1, le=4096, description="on CUDA out of memory the batch is halved (accumulation doubled) down to this"
+    )
 
     # Data
     dataset: str = Field("mask", description=f"data layout: {', '.join(DATASETS)}")
@@ -295,6 +336,11 @@ class ExperimentSpec(BaseModel):
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value)
 
+    @field_validator("data_dir", "output_dir")
+    @classmethod
+    def _no_secret_paths(cls, value: str | None) -> str | None:
+        return reject_secret(value)
+
     def spec_hash(self) -> str:
         """Stable 12-hex-digit id of what this spec computes (scheduling fields excluded)."""
         payload = self.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS))
@@ -359,7 +405,8 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
                     "set WANDB_API_KEY (or the like) in the worker's environment instead"
                 )
         got = item.get("input")
-        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        hidden = item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or "secrets never" in message
+        shown = "" if hidden else f" (got {got!r})"  # a secret is never echoed back
         lines.append(f"{prefix}{location}: {message}{shown}")
     return "\n".join(lines)
 

@@ -79,6 +79,14 @@ class WandbTracker:
     def active(self) -> bool:
         return self.run is not None
 
+    @property
+    def next_step(self) -> int:
+        """The first step this run still accepts: past what a resumed online run holds, else 0."""
+        try:
+            return int(self.run.starting_step or 0) if self.run is not None else 0
+        except Exception:
+            return 0
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._call(lambda run: run.log(metrics, step=step))
 

@@ -2,7 +2,9 @@
 
 It knows nothing of Redis or RQ. Whoever runs it hands it `on_epoch`, called after every epoch
 with an EpochReport; returning True from it stops training after that epoch (a pruner or a cancel
-flag answers through it).
+flag answers through it). `should_stop`, asked after every optimizer step (the step boundary),
+returns a reason to stop now (see trainer.interrupt: shutdown, cancelled, lost); training then
+raises TrainingInterrupted and the last finished epoch's checkpoint is what remains.
 
 Run dir ($RUNYARD_HOME/runs/<run_name>, or the spec's output_dir):
     spec.json  metrics.csv  train.log  result.json  checkpoints/{best,last}.pt  wandb/
@@ -26,8 +28,10 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
+from trainer import checkpoint, oom
 from trainer.data import DataError
 from trainer.heads import predict_classes
+from trainer.interrupt import ResumeInfo, TrainingInterrupted
 from trainer.loaders import build_loaders, class_counts, class_names, load_samples
 from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
@@ -60,6 +64,8 @@ class EpochReport:
 
 
 EpochCallback = Callable[[EpochReport], "bool | None"]
+StopCallback = Callable[[], "str | None"]
+ResumeCallback = Callable[[ResumeInfo], None]
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
 
 
@@ -172,16 +178,36 @@ class Trainer:
         self.stop_reason: str | None = None
         self.history: list[EpochReport] = []
         self.tracker: WandbTracker | None = None
+        self.start_epoch = 0  # epochs already trained by an earlier attempt (see resume)
+        self.should_stop: StopCallback | None = None
+        self.phase = "setup"  # "train" or "eval": where an out-of-memory error came from
+        self.oom_adjustments: list[dict[str, Any]] = []
 
-    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
-        """Train for the spec's epochs (or until `on_epoch` says stop); return the result."""
+    def resume(self) -> ResumeInfo:
+        """Continue from the run dir's last checkpoint, if there is one (see trainer.checkpoint)."""
+        return checkpoint.resume(self)
+
+    def fit(self, on_epoch: EpochCallback | None = None, should_stop: StopCallback | None = None) -> dict[str, Any]:
+        """Train for the spec's epochs (or until `on_epoch` says stop); return the result.
+
+        Raises TrainingInterrupted when `should_stop` gives a reason at a step boundary.
+        """
         spec = self.spec
+        self.should_stop = should_stop
         (self.run_dir / "spec.json").write_text(json.dumps(spec.to_payload() | {"run_name": self.run_name}, indent=2))
         # Who published it and which code versions published and trained it (see worker.code_version).
         (self.run_dir / "context.json").write_text(json.dumps(self.context, indent=2, default=str))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
-            csv.writer(handle).writerow(METRIC_COLUMNS)
+        if self.start_epoch:
+            checkpoint.sync_metrics_csv(self.run_dir / "metrics.csv", self.history, METRIC_COLUMNS)
+        else:
+            with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
+                csv.writer(handle).writerow(METRIC_COLUMNS)
         self.tracker = self._start_tracker()
+        # A killed attempt's W&B records may never have reached disk or server: log the resumed
+        # epochs again. W&B keeps steps increasing, so what it already holds is not duplicated.
+        for report in self.history:
+            if report.epoch >= self.tracker.next_step:
+                self._log_to_tracker(report)
         log.info(
             "run %s: %s (%d parameters) on %s, %d train / %d val images, %d epochs",
             self.run_name,
@@ -194,8 +220,11 @@ class Trainer:
         )
         setup_seconds = time.perf_counter() - self.started
         stopped_early = False
+        if self.start_epoch:
+            log.info("run %s: resuming after epoch %d from %s", self.run_name, self.start_epoch, self.run_dir)
         try:
-            for epoch in range(1, spec.epochs + 1):
+            for epoch in range(self.start_epoch + 1, spec.epochs + 1):
+                self._step_boundary()
                 report = self._run_epoch(epoch, setup_seconds)
                 if on_epoch is not None and on_epoch(report):
                     stopped_early = epoch < spec.epochs
@@ -216,11 +245,10 @@ class Trainer:
         train_loss, train_acc = self.train_one_epoch()
         self.scheduler.step()
         val = self.evaluate()
-        if val["f1"] > self.best["val_f1"]:
+        improved = val["f1"] > self.best["val_f1"]
+        if improved:
             self.best = {"epoch": epoch, "val_f1": val["f1"], "val_acc": val["acc"], "val_loss": val["loss"]}
             self.best_eval = val
-            save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "best.pt")
-        save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "last.pt")
         now = time.perf_counter()
         report = EpochReport(
             epoch=epoch,
@@ -234,12 +262,17 @@ class Trainer:
             seconds=now - epoch_started,
             best_val_f1=self.best["val_f1"],
             best_epoch=self.best["epoch"],
-            eta_seconds=(now - self.started - setup_seconds) / epoch * (self.spec.epochs - epoch),
+            eta_seconds=(now - self.started - setup_seconds) / (epoch - self.start_epoch) * (self.spec.epochs - epoch),
         )
         self.history.append(report)
+        # The checkpoint (with this report in its history) is the commit point of an epoch: a run
+        # killed after it resumes with the next epoch and logs this one if it went unlogged.
+        if improved:
+            save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "best.pt")
+        save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "last.pt")
         with open(self.run_dir / "metrics.csv", "a", newline="") as handle:
             csv.writer(handle).writerow([getattr(report, column) for column in METRIC_COLUMNS])
-        self.tracker.log({key: value for key, value in asdict(report).items() if key != "epochs"}, step=epoch)
+        self._log_to_tracker(report)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f F1 %.4f | best F1 %.4f (epoch %d) | %.1fs"
             " | ETA %s",
@@ -258,24 +291,38 @@ class Trainer:
         return report
 
     def train_one_epoch(self) -> tuple[float, float]:
-        """One pass over the training loader; returns mean loss and accuracy."""
+        """One pass over the training loader; returns mean loss and accuracy.
+
+        With grad_accum_steps = k, gradients of k batches are summed (each loss scaled by 1/k)
+        before one optimizer step; a trailing group of fewer than k batches is skipped, as
+        drop_last skips a short batch, so the effective batch is always batch_size x k.
+        """
         self.model.train()
+        self.phase = "train"
+        accumulation = self.spec.grad_accum_steps
+        usable_batches = len(self.train_loader) - len(self.train_loader) % accumulation
         total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in self.train_loader:
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, (images, labels) in enumerate(self.train_loader):
+            if index >= usable_batches:
+                break
+            oom.inject_fault(len(labels))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
             mixed = self.mixer(images, labels) if self.mixer else None
             with self.autocast():
                 logits = self.model(mixed.images if mixed else images)
                 loss = mixed.loss(self.loss_fn, logits) if mixed else self.loss_fn(logits, labels)
-            self.autocast.scaler.scale(loss).backward()
-            self._clip_gradients()
-            self.autocast.scaler.step(self.optimizer)
-            self.autocast.scaler.update()
-            self.steps += 1
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.steps)
+            self.autocast.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
+            if (index + 1) % accumulation == 0:
+                self._clip_gradients()
+                self.autocast.scaler.step(self.optimizer)
+                self.autocast.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.steps += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.steps)
+                self._step_boundary()
             total_loss += float(loss.detach()) * len(labels)
             targets = mixed.dominant_labels if mixed else labels
             correct += int((predict_classes(logits, self.spec.heads) == targets).sum())
@@ -309,6 +356,7 @@ class Trainer:
         """
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
+        self.phase = "eval"
         total_loss, seen = 0.0, 0
         matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         predictions = []
@@ -344,7 +392,16 @@ class Trainer:
             "class_names": self.class_names,
             "class_counts": self.class_counts,
             **({"ema": self.ema.module.state_dict(), "steps": self.steps} if self.ema is not None else {}),
-        }
+        } | checkpoint.training_state(self)
+
+    def _step_boundary(self) -> None:
+        """After each optimizer step (and before each epoch): stop here if `should_stop` says so."""
+        reason = self.should_stop() if self.should_stop is not None else None
+        if reason:
+            raise TrainingInterrupted(reason, self.history[-1].epoch if self.history else self.start_epoch)
+
+    def _log_to_tracker(self, report: EpochReport) -> None:
+        self.tracker.log({key: value for key, value in asdict(report).items() if key != "epochs"}, step=report.epoch)
 
     def _write_outputs(self) -> dict[str, Any]:
         """After training: the pictures of the best epoch and, with an eval_dir, the submission."""
@@ -395,6 +452,7 @@ class Trainer:
             "run_name": self.run_name,
             "spec_hash": spec.spec_hash(),
             "context": self.context,
+            "oom_adjustments": self.oom_adjustments,
         }
         return WandbTracker(
             self.run_name,
@@ -435,24 +493,56 @@ class Trainer:
                 "mean_epoch_s": round(sum(report.seconds for report in self.history) / len(self.history), 3),
             },
             "wandb": self.tracker.describe(),
+            "resumed_from_epoch": self.start_epoch,
+            "batch_size": self.spec.batch_size,
+            "grad_accum_steps": self.spec.grad_accum_steps,
+            "oom_adjustments": self.oom_adjustments,
         }
 
 
 def train(
-    spec: ExperimentSpec, on_epoch: EpochCallback | None = None, context: dict[str, Any] | None = None
+    spec: ExperimentSpec,
+    on_epoch: EpochCallback | None = None,
+    context: dict[str, Any] | None = None,
+    should_stop: StopCallback | None = None,
+    on_resume: ResumeCallback | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train `spec` into its run dir and return the result (JSON-ready).
 
     `context` (who published it, from where, at which git commit) is logged beside the spec.
+    With `resume`, training continues after the run dir's last checkpoint and `on_resume` is told
+    where it starts. CUDA out of memory is retried in this process with a smaller batch (see
+    trainer.oom); TrainingInterrupted propagates when `should_stop` asks to stop.
     """
-    trainer = Trainer(spec, context)
-    handler = logging.FileHandler(trainer.run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("runyard")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        return trainer.fit(on_epoch)
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+    adjustments: list[dict[str, Any]] = []
+    while True:
+        trainer = Trainer(spec, context)
+        trainer.oom_adjustments = adjustments
+        handler = logging.FileHandler(trainer.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger = logging.getLogger("runyard")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        retry = None
+        try:
+            info = trainer.resume() if resume else ResumeInfo()
+            info.adjustments = list(adjustments)
+            if on_resume is not None:
+                on_resume(info)
+            return trainer.fit(on_epoch, should_stop)
+        except Exception as error:
+            retry = oom.smaller_batch(spec, trainer.phase) if oom.is_out_of_memory(error) else None
+            if retry is None:
+                raise
+            log.warning("run %s: %s; retrying with %s", trainer.run_name, str(error).splitlines()[0], retry[1]["to"])
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        # Outside the except block the error's traceback, and the tensors its frames held, are gone.
+        spec, adjustment = retry
+        spec = spec.model_copy(update={"run_name": trainer.run_name})  # same run dir, whatever the clock says
+        adjustments.append(adjustment | {"after_epoch": trainer.history[-1].epoch if trainer.history else 0})
+        resume = resume or bool(trainer.history)
+        del trainer
+        oom.free_memory()

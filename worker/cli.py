@@ -7,6 +7,7 @@ the first Ctrl-C (or SIGTERM) lets running jobs finish, a second one stops them 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,7 +112,13 @@ def worker_slots(gpus: str | None, cpu: bool, workers: int, name: str) -> list[t
     is_flag=True,
     help="Before each job, fast-forward runyard's git checkout to its upstream and restart on the new code.",
 )
-def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs, follow_git):
+@click.option(
+    "--gpu-busy-above",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Wait while other processes hold more than this share of a GPU's memory.  [default: 0.25]",
+)
+def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs, follow_git, gpu_busy_above):
     """Run training jobs from the Redis queue: one RQ worker per GPU.
 
     Redis is REDIS_URL if set, else the embedded server under $RUNYARD_HOME. W&B logs online
@@ -124,6 +131,8 @@ def worker_command(gpus, cpu, workers, queues, burst, name, max_jobs, follow_git
       worker --gpus all --follow-git   # every job on the branch's latest commit
     """
     slots = worker_slots(gpus, cpu, workers, name or current_host())
+    if gpu_busy_above is not None:
+        slots = [(slot, env | {"RUNYARD_GPU_BUSY_FRACTION": str(gpu_busy_above)}) for slot, env in slots]
     if follow_git:
         try:
             upstream = check_can_follow(CODE_DIR)
@@ -170,3 +179,47 @@ def supervise(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return max((child.returncode or 0) for child in children)
+
+
+@click.command("janitor", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="Sweep once and exit (for cron or a script).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=None,
+    help="Seconds between sweeps.  [default: RUNYARD_JANITOR_INTERVAL or 10]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per requeued or failed job.")
+def janitor_command(once, interval, as_json):
+    """Requeue jobs whose worker died: for a box that runs no worker.
+
+    Every worker already runs this sweep in a thread; a job started by a runyard worker whose
+    heartbeat has lapsed (kill -9, reboot, OOM killer) goes back to the front of its queue and
+    resumes from its checkpoint. After its job's max_requeues crashes it fails as `crashed`.
+    """
+    from worker.janitor import Janitor
+
+    try:
+        connection = connect()
+    except RedisUnavailable as error:
+        raise click.ClickException(str(error)) from None
+    janitor = Janitor(connection, f"{current_host()}-janitor")
+    if interval is not None:
+        janitor.interval = interval
+    if not once and not as_json:
+        click.echo(f"janitor: sweeping every {janitor.interval:g} s (Ctrl-C to stop)", err=True)
+    try:
+        while True:
+            for outcome in janitor.sweep():
+                if as_json:
+                    click.echo(json.dumps(outcome.to_dict()))
+                else:
+                    click.echo(
+                        f"{outcome.action} {outcome.run_name or outcome.job_id} (job {outcome.job_id}, "
+                        f"worker {outcome.worker}, crash {outcome.requeues})"
+                    )
+            if once:
+                return
+            time.sleep(janitor.interval)
+    except KeyboardInterrupt:
+        click.echo("janitor: stopped", err=True)

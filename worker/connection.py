@@ -18,7 +18,8 @@ class RedisUnavailable(RuntimeError):
 
 
 def mask_url(url: str) -> str:
-    """Hide the password in a Redis URL: redis://:***@host:6379/0."""
+    """Hide the password in a Redis URL: redis://:***@host:6379/0 (or ...?password=***)."""
+    url = re.sub(r"([?&]password=)[^&\s]*", r"\1***", url)
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 

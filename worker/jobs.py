@@ -11,11 +11,14 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from rq import get_current_job
+from rq import Retry, get_current_job
 from rq.job import Job
 
-from trainer.spec import SpecError, load_spec
+from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
+from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
+from worker.control import JobControl
+from worker.heartbeat import REDIS_ERRORS
 from worker.results import record_run
 from worker.search_trial import SearchTrial, open_search_trial
 
@@ -26,7 +29,23 @@ CALLBACKS: frozenset[str] = frozenset()
 
 FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error", "fold_failed")
 
+# A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
+# failure, so the bound only stops a job that is shut down over and over from looping forever.
+SHUTDOWN_REQUEUES = 100
+
 log = logging.getLogger("runyard.jobs")
+
+
+class JobCancelled(RuntimeError):
+    """`runyard cancel` stopped this job at a step boundary; its checkpoint is kept."""
+
+
+class JobLost(RuntimeError):
+    """This work horse no longer owns its job (it was requeued elsewhere); nothing was recorded."""
+
+
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory even at the spec's min_batch_size."""
 
 
 def run_experiment(
@@ -47,6 +66,7 @@ def run_experiment(
         raise
 
     from trainer.data import DataError
+    from trainer.oom import is_out_of_memory
     from trainer.train import train
 
     context, code = with_worker_code(context, job)
@@ -54,21 +74,40 @@ def run_experiment(
         job.meta["code"] = code
         job.save_meta()
     progress = JobProgress(job, trial)
+    experiment = progress.apply_adjustments(experiment)
+    control = JobControl(job)
+    if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
+        return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
     try:
-        result = train(experiment, on_epoch=progress.on_epoch, context=context)
+        result = train(
+            experiment,
+            on_epoch=progress.on_epoch,
+            context=context,
+            should_stop=control.should_stop,
+            on_resume=progress.on_resume,
+            resume=job is not None,
+        )
+    except TrainingInterrupted as stop:
+        return _stopped(job, stop, trial)
     except DataError as error:
         _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
         raise
     except Exception as error:
+        if is_out_of_memory(error):
+            message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
+            _mark_failure(job, "oom", message, retry=False, trial=trial)
+            raise OutOfMemory(str(error)) from error
         _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
         raise
+    if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports
+        raise JobLost(f"job {job.id} was requeued while this worker trained it")
 
     result["status"] = trial.finish(result) if trial else "finished"
     result["job_id"] = job.id if job else None
     result["worker"] = {"host": socket.gethostname(), "name": job.worker_name if job else None}
     result["code"] = code
     if job is not None:
-        summary = result | {
+        summary = {
             "loss": experiment.loss,
             "optimizer": experiment.optimizer,
             "lr": experiment.lr,
@@ -76,13 +115,27 @@ def run_experiment(
             "epochs": experiment.epochs,
             "finished_at": time.time(),
             "context": context or {},
-        }
+        } | result  # the result's batch_size is the one trained with, after any out-of-memory retry
         if trial is not None:
             summary |= trial.summary_fields(result["status"])
         job.meta["status"] = result["status"]
         job.save_meta()
         record_run(job.connection, summary)
     return result
+
+
+def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | None = None):
+    """What a job interrupted at a step boundary leaves behind, by reason."""
+    if stop.reason == SHUTDOWN:
+        log.info("job %s: worker shutting down; requeued to resume after epoch %d", job.id if job else "-", stop.epoch)
+        if job is not None:
+            job.meta["shutdowns"] = int(job.meta.get("shutdowns", 0)) + 1
+        return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)
+    if stop.reason == LOST:
+        raise JobLost(str(stop))
+    message = f"cancelled by `runyard cancel` after epoch {stop.epoch}; its checkpoint is kept"
+    _mark_failure(job, "cancelled", message, retry=False, trial=trial)  # the worker then marks it canceled
+    raise JobCancelled(message)
 
 
 def with_worker_code(context: dict[str, Any] | None, job: Job | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -118,7 +171,10 @@ def aggregate_folds(
 class JobProgress:
     """Writes each epoch's report into the RQ job's meta, where `runyard status` reads it.
 
-    For a search point it also asks the search's pruner; True stops training after this epoch.
+    The meta history is keyed by epoch: a resumed job starts from its checkpoint's history,
+    so the history has no gap and no epoch twice. A Redis outage skips a meta update (the next
+    epoch's write catches up) rather than failing a training run. For a search point it also asks
+    the search's pruner; True stops training after this epoch.
     """
 
     def __init__(self, job: Job | None, trial: SearchTrial | None = None):
@@ -126,15 +182,54 @@ class JobProgress:
         self.trial = trial
         self.history: list[dict[str, float]] = []
 
+    def apply_adjustments(self, spec: ExperimentSpec) -> ExperimentSpec:
+        """A requeued job keeps the smaller batch an out-of-memory retry settled on."""
+        changes = (self.job.meta.get("batch_adjustment") if self.job is not None else None) or {}
+        return ExperimentSpec.model_validate(spec.model_dump() | changes) if changes else spec
+
+    def on_resume(self, info: ResumeInfo) -> None:
+        if self.trial is not None:
+            self.trial.resumed(info.history)
+        if self.job is None:
+            return
+        self.job.meta["attempts"] = int(self.job.meta.get("attempts", 0)) + 1
+        self.job.meta["resumed_from_epoch"] = info.start_epoch
+        if info.start_epoch:
+            self.job.meta["resume_note"] = f"resumed after epoch {info.start_epoch} from {info.checkpoint}"
+        elif self.job.meta.get("history"):
+            # An earlier attempt trained epochs, but their checkpoint is not on this box's filesystem.
+            self.job.meta["resume_note"] = (
+                f"restarted from epoch 0 on {socket.gethostname()}: the checkpoint of epoch "
+                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (share the runs dir to resume)"
+            )
+        self.history = [self._row(report) for report in info.history]
+        self.job.meta["history"] = self.history
+        if info.adjustments:
+            self.job.meta["oom_adjustments"] = info.adjustments
+            self.job.meta["batch_adjustment"] = {
+                key: value for adjustment in info.adjustments for key, value in adjustment["to"].items()
+            }
+        self._save()
+
     def on_epoch(self, report) -> bool:
         stop = self.trial.should_stop(report) if self.trial is not None else False
         if self.job is None:
             return stop
-        self.history.append({"epoch": report.epoch, "train_loss": report.train_loss, "val_f1": report.val_f1})
+        self.history = [row for row in self.history if row["epoch"] < report.epoch] + [self._row(report)]
         self.job.meta["progress"] = asdict(report)
         self.job.meta["history"] = self.history
-        self.job.save_meta()
+        self._save()
         return stop
+
+    @staticmethod
+    def _row(report) -> dict[str, float]:
+        return {"epoch": report.epoch, "train_loss": report.train_loss, "val_f1": report.val_f1}
+
+    def _save(self) -> None:
+        try:
+            self.job.save_meta()
+        except REDIS_ERRORS as error:
+            log.warning("job %s: progress not saved, Redis unreachable (%s)", self.job.id, error)
 
 
 def _mark_failure(job: Job | None, reason: str, message: str, retry: bool, trial: SearchTrial | None = None) -> None:

@@ -275,6 +275,16 @@ class SearchTrial:
             return False
         return self.pruned
 
+    def resumed(self, reports: list[Any]) -> None:
+        """A job resumed from its checkpoint: the epochs trained before count toward the best so far.
+
+        They were reported to the pruner by the earlier attempt (the same trial), so only the best
+        is restored here.
+        """
+        for report in reports:
+            value = float(getattr(report, self.metric.name))
+            self.best = value if self.best is None else self.metric.better(self.best, value)
+
     def finish(self, result: dict[str, Any]) -> str:
         """Tell the study how the run ended; returns the point's status, `finished` or `pruned`."""
         status = "pruned" if self.pruned and result.get("stopped_early") else "finished"

@@ -1,0 +1,75 @@
+"""Polite GPU use, decided from NVML's answers (a fake NVML here: this machine has no GPU)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from worker import gpu
+from worker.gpu import GpuCheck, busy_reason, pinned_gpu
+
+GIB = 1024**3
+
+
+class FakeNvml:
+    """Answers NVML's three calls for one or more GPUs; `processes[i]` lists (pid, bytes or None)."""
+
+    def __init__(self, total_gib: float = 16, used_gib: float = 0.5, processes=None):
+        self.total = int(total_gib * GIB)
+        self.used = int(used_gib * GIB)
+        self.processes = processes or {}
+        self.asked = []
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.asked.append(index)
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(total=self.total, used=self.used, free=self.total - self.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.get(handle, [])]
+
+
+def test_an_idle_gpu_is_free():
+    assert busy_reason(FakeNvml(), 0, 0.25) is None
+
+
+def test_another_process_holding_more_than_the_threshold_makes_the_worker_wait():
+    nvml = FakeNvml(processes={1: [(4242, 6 * GIB)]})
+    reason = busy_reason(nvml, 1, 0.25)
+    assert reason == "GPU 1: 1 other process(es) (pid 4242) hold 6.0 of 16.0 GiB, more than 25%"
+    assert nvml.asked == [1]
+
+
+def test_a_small_notebook_below_the_threshold_does_not_block_the_gpu():
+    assert busy_reason(FakeNvml(processes={0: [(7, 2 * GIB), (8, 1 * GIB)]}), 0, 0.25) is None
+
+
+def test_when_nvml_hides_per_process_memory_the_device_total_decides():
+    hidden = {0: [(7, None)]}
+    assert busy_reason(FakeNvml(used_gib=12, processes=hidden), 0, 0.25) is not None
+    assert busy_reason(FakeNvml(used_gib=1, processes=hidden), 0, 0.25) is None
+
+
+def test_the_worker_waits_until_the_other_process_leaves(monkeypatch):
+    nvml = FakeNvml(processes={0: [(4242, 10 * GIB)]})
+    beats = []
+
+    def leave_after_two_polls():
+        beats.append(1)
+        if len(beats) == 2:
+            nvml.processes = {}
+
+    monkeypatch.setattr(gpu.time, "sleep", lambda seconds: None)
+    GpuCheck(nvml, 0, 0.25).wait_until_free(leave_after_two_polls)
+    assert len(beats) == 2  # the worker kept its heartbeat while it waited
+
+
+@pytest.mark.parametrize("visible, expected", [("", None), ("3", 3), ("0,1", None), ("GPU-1a2b", None)])
+def test_only_a_worker_pinned_to_one_gpu_checks_it_and_cpu_workers_skip(monkeypatch, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert pinned_gpu() == expected
+    if expected is None:
+        assert GpuCheck.from_environment() is None

@@ -1,0 +1,43 @@
+"""Stopping a run from outside, between optimizer steps; torch-free so workers can import it cheaply.
+
+The trainer asks a `should_stop` callback after every optimizer step (the step boundary). A
+reason stops training with TrainingInterrupted; the last finished epoch's checkpoint remains,
+and a resumed run starts after it (see trainer.checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.train import EpochReport
+
+SHUTDOWN = "shutdown"  # the worker is going down: keep the checkpoint, run the rest later
+CANCELLED = "cancelled"  # a user cancelled the run
+LOST = "lost"  # this process no longer owns the job (it was requeued elsewhere): stop quietly
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary because `should_stop` gave a reason.
+
+    `epoch` is the last finished epoch: its checkpoint is on disk and a resumed run starts after it.
+    """
+
+    def __init__(self, reason: str, epoch: int):
+        super().__init__(f"training stopped after epoch {epoch}: {reason}")
+        self.reason = reason
+        self.epoch = epoch
+
+
+@dataclass
+class ResumeInfo:
+    """Where a run starts: after `start_epoch` (0 = from scratch), with these earlier reports.
+
+    `adjustments` are the out-of-memory batch changes this run made so far (see trainer.oom).
+    """
+
+    start_epoch: int = 0
+    history: list[EpochReport] = field(default_factory=list)
+    checkpoint: str | None = None
+    adjustments: list[dict[str, Any]] = field(default_factory=list)

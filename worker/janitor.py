@@ -1,0 +1,287 @@
+"""The abandoned-job sweep: jobs whose worker died go back on their queue, exactly once.
+
+A job is abandoned when RQ lists it as started by a runyard worker whose heartbeat
+(worker.heartbeat) has lapsed. Every worker runs a `Janitor` thread that sweeps every
+JANITOR_INTERVAL seconds (default 10), also while it trains, and `runyard janitor` does the same
+on a box without workers; with the default 15 s heartbeat a kill -9 is undone within ~25 s.
+
+Requeueing is one Redis transaction (WATCH the job, its requeue counter and the dead worker's
+heartbeat; MULTI; EXEC): when several janitors find the same job, exactly one EXEC succeeds and
+the others see their watch broken. A crash counts against the job's `max_requeues` (meta,
+default 3); past it the job fails with reason `crashed`. A warm shutdown's requeue is not a crash
+and is not counted. The job goes back to the front of its queue and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now, parse_composite_key
+
+from worker.heartbeat import (
+    PREFIX,
+    REDIS_ERRORS,
+    WORKERS_KEY,
+    Heartbeat,
+    heartbeat_key,
+    heartbeat_ttl,
+    known_workers,
+)
+
+DEFAULT_MAX_REQUEUES = 3
+REQUEUE_LOG_LENGTH = 20
+COUNTER_TTL_S = 60 * 24 * 3600
+
+log = logging.getLogger("runyard.janitor")
+
+
+def janitor_interval() -> float:
+    """Seconds between sweeps (RUNYARD_JANITOR_INTERVAL, default 10)."""
+    value = os.environ.get("RUNYARD_JANITOR_INTERVAL", "")
+    try:
+        return max(0.2, float(value)) if value else 10.0
+    except ValueError:
+        return 10.0
+
+
+def requeue_counter_key(job_id: str) -> str:
+    return f"{PREFIX}:requeues:{job_id}"
+
+
+@dataclass
+class Abandoned:
+    """A started job whose worker no longer beats."""
+
+    job_id: str
+    queue: str
+    execution_id: str
+    worker: str
+
+
+@dataclass
+class Requeued:
+    """What a janitor did with one job: `requeued`, or `failed` (reason crashed) past the limit."""
+
+    job_id: str
+    run_name: str | None
+    queue: str
+    worker: str
+    action: str
+    requeues: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_abandoned(connection: redis.Redis, dead_names: frozenset[str] = frozenset()) -> list[Abandoned]:
+    """Started jobs of runyard workers without a heartbeat (and of `dead_names`, whatever they say)."""
+    workers = known_workers(connection)
+    found = []
+    for queue in Queue.all(connection=connection, serializer=JSONSerializer):
+        registry = StartedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
+        for entry in connection.zrange(registry.key, 0, -1):
+            job_id, execution_id = parse_composite_key(entry.decode())
+            worker = _execution_worker(connection, job_id, execution_id)
+            if worker is None or (worker not in workers and worker not in dead_names):
+                continue  # not a runyard worker's (or no way to tell): RQ's own expiry handles it
+            if worker in dead_names or not connection.exists(heartbeat_key(worker)):
+                found.append(Abandoned(job_id, queue.name, execution_id, worker))
+    return found
+
+
+def _execution_worker(connection: redis.Redis, job_id: str, execution_id: str) -> str | None:
+    """The worker running one execution: the execution's record, else the job's last worker."""
+    name = connection.hget(Execution(execution_id, job_id, connection).key, "worker_name")
+    name = name or connection.hget(Job.key_for(job_id), "worker_name")
+    return name.decode() if name else None
+
+
+def requeue_job(
+    connection: redis.Redis,
+    job_id: str,
+    queue_name: str,
+    execution_id: str,
+    *,
+    reason: str,
+    by: str,
+    count: bool,
+    dead_worker: str | None = None,
+) -> Requeued | None:
+    """Put one started job back at the front of its queue in a single transaction.
+
+    `count` charges it as a crash against the job's max_requeues (over the limit it fails with
+    reason `crashed` instead). With `dead_worker`, nothing happens if that worker beats again
+    before EXEC. Returns None when another janitor (or the job's own worker) got there first.
+    """
+    composite = f"{job_id}:{execution_id}"
+    wip_key = StartedJobRegistry(queue_name, connection=connection).key
+    watched = [Job.key_for(job_id), requeue_counter_key(job_id)]
+    if dead_worker:
+        watched.append(heartbeat_key(dead_worker))
+    with connection.pipeline() as pipeline:
+        try:
+            pipeline.watch(*watched)
+            if pipeline.zscore(wip_key, composite) is None:
+                return None  # already handled
+            if dead_worker and pipeline.exists(heartbeat_key(dead_worker)):
+                return None  # it is alive after all
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            except Exception:
+                job = None
+            execution = Execution(execution_id, job_id, connection)
+            worker = pipeline.hget(execution.key, "worker_name")
+            execution.worker_name = worker.decode() if worker else ""
+            status = job.get_status(refresh=False) if job is not None else None
+            queue = Queue(job.origin, connection=connection, serializer=JSONSerializer) if job is not None else None
+            queued_already = status == JobStatus.QUEUED and pipeline.lpos(queue.key, job_id) is not None
+            if status not in (JobStatus.STARTED, JobStatus.QUEUED) or queued_already:
+                # The job ended, vanished or is queued again: only its registry entry was left behind.
+                pipeline.multi()
+                pipeline.zrem(wip_key, composite)
+                pipeline.execute()
+                return None
+            requeues = int(pipeline.get(requeue_counter_key(job_id)) or 0) + (1 if count else 0)
+            limit = int(job.meta.get("max_requeues", DEFAULT_MAX_REQUEUES))
+            give_up = count and requeues > limit
+            queue.get_redis_server_version()  # a read: done before MULTI buffers everything
+            entry = {"at": time.time(), "by": by, "worker": dead_worker or execution.worker_name, "reason": reason}
+            job.meta["requeues"] = requeues
+            job.meta["requeue_log"] = [*job.meta.get("requeue_log", []), entry | {"counted": count}][
+                -REQUEUE_LOG_LENGTH:
+            ]
+
+            pipeline.multi()
+            execution.delete(job=job, pipeline=pipeline)
+            if give_up:
+                job.meta["failure_reason"] = "crashed"
+                job.meta["failure_message"] = (
+                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)"
+                )
+                job.ended_at = now()
+                pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                record_job_failure(job, f"crashed: {job.meta['failure_message']}", pipeline)
+            else:
+                job.started_at = None
+                job.ended_at = None
+                # RQ's own requeue paths (Job.retry, registry cleanup) enqueue through this method
+                # too; it only buffers writes, so it joins this transaction.
+                queue._enqueue_job(job, pipeline=pipeline, at_front=True)
+            if count:
+                pipeline.set(requeue_counter_key(job_id), requeues, ex=COUNTER_TTL_S)
+            pipeline.execute()
+        except redis.WatchError:
+            return None
+    outcome = Requeued(
+        job_id,
+        job.meta.get("run_name"),
+        queue_name,
+        entry["worker"],
+        "failed" if give_up else "requeued",
+        requeues,
+        reason,
+    )
+    log.warning(
+        "%s job %s (%s) of worker %s: %s%s",
+        "failed" if give_up else "requeued",
+        job_id,
+        outcome.run_name or "-",
+        outcome.worker or "?",
+        reason,
+        f" [crash {requeues}/{limit}]" if count else "",
+    )
+    return outcome
+
+
+def requeue_abandoned(connection: redis.Redis, by: str, dead_names: frozenset[str] = frozenset()) -> list[Requeued]:
+    """One sweep: requeue (or fail as `crashed`) every abandoned job; returns what was done."""
+    done = []
+    for abandoned in find_abandoned(connection, dead_names):
+        outcome = requeue_job(
+            connection,
+            abandoned.job_id,
+            abandoned.queue,
+            abandoned.execution_id,
+            reason=f"worker {abandoned.worker} stopped beating",
+            by=by,
+            count=True,
+            dead_worker=None if abandoned.worker in dead_names else abandoned.worker,
+        )
+        if outcome is not None:
+            done.append(outcome)
+    forget_dead_workers(connection)
+    return done
+
+
+def forget_dead_workers(connection: redis.Redis) -> None:
+    """Drop workers without a heartbeat and without started jobs from runyard:workers."""
+    busy = set()
+    for queue in Queue.all(connection=connection, serializer=JSONSerializer):
+        for entry in connection.zrange(StartedJobRegistry(queue.name, connection=connection).key, 0, -1):
+            job_id, execution_id = parse_composite_key(entry.decode())
+            busy.add(_execution_worker(connection, job_id, execution_id))
+    for name in known_workers(connection):
+        if name not in busy and not connection.exists(heartbeat_key(name)):
+            connection.hdel(WORKERS_KEY, name)
+
+
+class Janitor(threading.Thread):
+    """Sweeps for abandoned jobs every `interval` seconds from a daemon thread.
+
+    It skips a sweep while its own `heartbeat` saw Redis fail within a TTL: after an outage
+    every worker's beat may have lapsed, and they need one beat to come back.
+    """
+
+    def __init__(self, connection: redis.Redis, name: str, heartbeat: Heartbeat | None = None):
+        super().__init__(name=f"janitor-{name}", daemon=True)
+        self.connection = connection
+        self.janitor_name = name
+        self.heartbeat = heartbeat
+        self.interval = janitor_interval()
+        self.grace = heartbeat_ttl() + 1
+        self.last_error: float | None = None
+        self._stopping = threading.Event()
+        self._failing = False
+
+    def recently_failed(self) -> bool:
+        if self.heartbeat is not None and self.heartbeat.recently_failed():
+            return True
+        return self.last_error is not None and time.monotonic() - self.last_error < self.grace
+
+    def sweep(self) -> list[Requeued]:
+        """One sweep now (an empty list while Redis has just been failing)."""
+        if self.recently_failed():
+            return []
+        try:
+            done = requeue_abandoned(self.connection, by=self.janitor_name)
+            self._failing = False
+            return done
+        except REDIS_ERRORS as error:
+            self.last_error = time.monotonic()
+            if not self._failing:
+                log.warning("janitor %s: Redis unreachable (%s)", self.janitor_name, str(error).splitlines()[0])
+            self._failing = True
+        except Exception:  # a bad record must not stop future sweeps
+            log.exception("janitor %s: sweep failed", self.janitor_name)
+        return []
+
+    def run(self) -> None:
+        # Start after one interval: at birth the worker sweeps its own predecessor's jobs itself.
+        while not self._stopping.wait(self.interval):
+            self.sweep()
+
+    def stop(self) -> None:
+        self._stopping.set()
