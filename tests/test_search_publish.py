@@ -15,7 +15,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 import schedule_search.publish as publish_module
-from publisher.cli import leaderboard_command, status_command
+from publisher.cli import cancel_command, leaderboard_command, status_command
 from schedule_search.cli import schedule_search_command
 from schedule_search.publish import claim_points, publish_search
 from schedule_search.search import load_search
@@ -190,3 +190,14 @@ def test_schedule_search_runs_as_a_module_and_as_a_runyard_command_without_torch
     assert as_module.returncode == 0 and "enqueued 0 (0 new)" in as_module.stdout
     help_text = subprocess.run([str(BIN / "runyard"), "schedule-search", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "W&B-sweep YAML" in help_text.stdout
+
+
+def test_runyard_cancel_of_a_search_cancels_its_points_and_publishing_again_brings_them_back(connection, tmp_path):
+    path = write_search(tmp_path / "grid.yaml", tmp_path, GRID, name="g")
+    schedule(str(path))
+    cancelled = CliRunner().invoke(cancel_command, ["--search", "g", "--json"])
+    assert cancelled.exit_code == 0, cancelled.output
+    assert default_queue(connection).count == 0
+    again = schedule(str(path))
+    assert (again["enqueued"], again["counts"]) == (4, {"retried": 4})
+    assert default_queue(connection).count == 4
