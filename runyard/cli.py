@@ -32,6 +32,7 @@ def main():
     \b
     The usual loop:
       publish --model efficientnet_b2 --loss f1     # queue one experiment
+      schedule-search grid.yaml                     # a grid, random or bayes search
       worker --gpus 0,1,2,3                         # on each GPU box
       runyard status                                # what runs, with epoch and F1
       runyard leaderboard                           # best runs first

@@ -102,9 +102,13 @@ def _warn_missing_data(search: Search) -> None:
 
 
 def _dry_run_report(search: Search) -> PublishReport | None:
-    """What publishing would do, if Redis can be asked without starting one."""
+    """What publishing would do, asked of the Redis that publishing would use.
+
+    Without REDIS_URL that is the embedded server, started if need be (as `publish` does), so
+    a first dry run says "new" for every point instead of "cannot tell".
+    """
     try:
-        connection = connect(start_embedded=False)
+        connection = connect()
     except RedisUnavailable as error:
         click.echo(f"warning: cannot tell which points are done ({error})", err=True)
         return None
