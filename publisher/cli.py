@@ -19,11 +19,17 @@ from rich.table import Table
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
+from publisher.search_status import (
+    collect_search_status,
+    search_leaderboard,
+    search_leaderboard_table,
+    search_status_table,
+)
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
 from worker.janitor import DEFAULT_MAX_REQUEUES
-from worker.results import leaderboard
+from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 USAGE_ERROR = 2
@@ -146,8 +152,12 @@ def _eta(seconds: float | None) -> str:
 
 @click.command("status", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status_command(as_json):
+@click.option("--search", "search", metavar="NAME", help="Only this search: each point's state, epoch and metric.")
+def status_command(as_json, search):
     """Queues, running jobs with their epoch and F1, failed jobs with the reason, workers."""
+    if search:
+        _search_status(search, as_json)
+        return
     status = collect_status(connect_or_fail())
     if as_json:
         click.echo(json.dumps(status, indent=2, default=str))
@@ -203,6 +213,16 @@ def status_command(as_json):
     )
 
 
+def _search_status(name: str, as_json: bool) -> None:
+    status = collect_search_status(connect_or_fail(), name)
+    if status is None:
+        fail(f"no search named {name!r}: `schedule-search FILE` publishes one (its name is in the file or printed)")
+    if as_json:
+        click.echo(json.dumps(status, indent=2, default=str))
+    else:
+        console().print(search_status_table(status))
+
+
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:
     table = Table(title=title)
     for column in ("#", "run", "model", "loss", "best val F1", "acc", "epoch", "time"):
@@ -225,8 +245,20 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
 @click.command("leaderboard", context_settings=CONTEXT)
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="Rows to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def leaderboard_command(limit, as_json):
+@click.option("--search", "search", metavar="NAME", help="Only this search, best by its metric (k-fold: mean ± std).")
+def leaderboard_command(limit, as_json, search):
     """Finished runs, best validation macro F1 first."""
+    if search:
+        connection = connect_or_fail()
+        definition = get_search(connection, search)
+        rows = search_leaderboard(connection, search, limit=limit)
+        if definition is None and not rows:
+            fail(f"no search named {search!r}: `schedule-search FILE` publishes one")
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            console().print(search_leaderboard_table(rows, search, definition) if rows else "no finished points yet")
+        return
     rows = leaderboard(connect_or_fail(), limit=limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -14,6 +14,7 @@ from runyard.demo import demo_command
 from runyard.doctor import doctor_command
 from runyard.infer_cli import infer_command
 from runyard.train_cli import train_command
+from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
 from worker.cli import janitor_command, worker_command
 from worker.connection import embedded_server, mask_url, redis_url
@@ -31,6 +32,7 @@ def main():
     \b
     The usual loop:
       publish --model efficientnet_b2 --loss f1     # queue one experiment
+      schedule-search grid.yaml                     # a grid, random or bayes search
       worker --gpus 0,1,2,3                         # on each GPU box
       runyard status                                # what runs, with epoch and F1
       runyard leaderboard                           # best runs first
@@ -112,3 +114,5 @@ main.add_command(cancel_command)
 main.add_command(janitor_command)
 main.add_command(train_command)
 main.add_command(infer_command)
+main.add_command(schedule_search_command)
+main.add_command(compare_command)

@@ -25,6 +25,20 @@ from worker.connection import mask_url, redis_url
 
 DEFAULT_PORT = 9181
 
+# Rendering the dashboard in Debian's headless chromium (the README's screenshots, the tests):
+# no sandbox (root in a container), and nothing that phones home from a box without internet.
+HEADLESS_CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
 
 def describe_job(job: Job) -> str:
     """What the dashboard shows for a job: `run name · epoch 3/10 · val F1 0.8123 · best 0.8400 · ETA 4m09s`."""

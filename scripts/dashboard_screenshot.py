@@ -21,21 +21,11 @@ from pathlib import Path
 import redis
 
 from publisher.queue import publish_experiment
+from runyard.dashboard import HEADLESS_CHROMIUM_FLAGS
 from trainer.demo_data import make_demo_dataset
 from trainer.spec import ExperimentSpec
 from worker.embedded import EmbeddedRedis
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
 BIN = Path(sys.executable).parent
 
 
@@ -66,7 +56,7 @@ def screenshot(url: str, path: Path, profile: Path, size: str = "1500,760") -> N
     subprocess.run(
         [
             "chromium",
-            *CHROMIUM_FLAGS,
+            *HEADLESS_CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             f"--window-size={size}",
             "--virtual-time-budget=6000",

@@ -126,3 +126,12 @@ def make_image_folder(demo_data: Path, root: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((folder / f"{stem}.jpg").read_bytes())
     return root
+
+
+def write_search(path: Path, data_dir: Path, parameters: dict[str, Any], **fields: Any) -> Path:
+    """A search YAML at `path` whose points train tiny_spec (fields such as method, name go on top)."""
+    import yaml
+
+    document = {"method": "grid", "fixed": tiny_spec(data_dir), "parameters": parameters} | fields
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path

@@ -26,6 +26,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from publisher.queue import publish_experiment
+from runyard.dashboard import HEADLESS_CHROMIUM_FLAGS
 from tests.helpers import BIN, isolated_env, start_redis_server, tiny_spec
 from trainer.spec import load_spec
 from worker.jobs import RUN_EXPERIMENT
@@ -193,7 +194,7 @@ def test_dashboard_renders_our_running_job_in_headless_chromium(busy, tmp_path):
     result = subprocess.run(
         [
             "chromium",
-            *CHROMIUM_FLAGS,
+            *HEADLESS_CHROMIUM_FLAGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             "--virtual-time-budget=10000",
             "--dump-dom",
@@ -206,18 +207,6 @@ def test_dashboard_renders_our_running_job_in_headless_chromium(busy, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert busy.worker_name in result.stdout
     assert "busy-run · epoch " in result.stdout  # filled in by the page's script from workers.json
-
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 
 
 def test_dashboard_with_basic_auth_refuses_requests_without_the_password(busy):

@@ -127,6 +127,17 @@ def profile_group(sample: Sample) -> int:
     return sample.label % 6
 
 
+def profiles_by_stratum(samples: Sequence[Sample], stratify_by: Callable[[Sample], int]) -> dict[int, list[str]]:
+    """Stratum -> its profiles in first-seen order, each profile filed by its first image."""
+    strata: dict[int, list[str]] = defaultdict(list)
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.profile not in seen:
+            seen.add(sample.profile)
+            strata[stratify_by(sample)].append(sample.profile)
+    return strata
+
+
 def split_by_profile(
     samples: Sequence[Sample],
     val_ratio: float,
@@ -138,12 +149,7 @@ def split_by_profile(
     No profile appears on both sides, and every stratum (gender x age for the mask layout) is
     spread over both.
     """
-    strata: dict[int, list[str]] = defaultdict(list)
-    seen: set[str] = set()
-    for sample in samples:
-        if sample.profile not in seen:
-            seen.add(sample.profile)
-            strata[stratify_by(sample)].append(sample.profile)
+    strata = profiles_by_stratum(samples, stratify_by)
     rng = random.Random(seed)
     val_profiles: set[str] = set()
     for _, profiles in sorted(strata.items()):

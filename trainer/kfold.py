@@ -9,24 +9,19 @@ cross-validation must share the seed: the seed decides which fold a profile land
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from trainer.data import DataError, Sample, profile_group
+from trainer.data import DataError, Sample, profile_group, profiles_by_stratum
 
 
 def fold_assignments(
     samples: Sequence[Sample], k: int, seed: int, stratify_by: Callable[[Sample], int] = profile_group
 ) -> dict[str, int]:
     """Profile -> fold index in 0..k-1."""
-    strata: dict[int, list[str]] = defaultdict(list)
-    seen: set[str] = set()
-    for sample in samples:
-        if sample.profile not in seen:
-            seen.add(sample.profile)
-            strata[stratify_by(sample)].append(sample.profile)
-    if len(seen) < k:
-        raise DataError(f"kfold.k={k} needs at least {k} profiles; the dataset has {len(seen)}")
+    strata = profiles_by_stratum(samples, stratify_by)
+    profiles_seen = sum(len(profiles) for profiles in strata.values())
+    if profiles_seen < k:
+        raise DataError(f"kfold.k={k} needs at least {k} profiles; the dataset has {profiles_seen}")
     rng = random.Random(seed)
     folds: dict[str, int] = {}
     position = 0

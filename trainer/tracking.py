@@ -15,7 +15,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # W&B's job_type of each kind of run runyard makes; the UI groups and filters runs by it.
-JOB_TYPES = ("train", "fold", "aggregate", "infer")
+JOB_TYPES = ("train", "fold", "aggregate", "infer", "compare")  # compare: a search's comparison picture
 
 
 def wandb_mode() -> str:

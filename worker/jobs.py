@@ -20,12 +20,14 @@ from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
 from worker.heartbeat import REDIS_ERRORS
 from worker.results import record_run
+from worker.search_trial import SearchTrial, open_search_trial
 
 RUN_EXPERIMENT = "worker.jobs.run_experiment"
-ENTRY_POINTS = frozenset({RUN_EXPERIMENT})
+AGGREGATE_FOLDS = "worker.jobs.aggregate_folds"
+ENTRY_POINTS = frozenset({RUN_EXPERIMENT, AGGREGATE_FOLDS})
 CALLBACKS: frozenset[str] = frozenset()
 
-FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error")
+FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error", "fold_failed")
 
 # A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
 # failure, so the bound only stops a job that is shut down over and over from looping forever.
@@ -46,13 +48,21 @@ class OutOfMemory(RuntimeError):
     """CUDA ran out of memory even at the spec's min_batch_size."""
 
 
-def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train one experiment spec (a JSON dict) and return its result; progress goes to job.meta."""
+def run_experiment(
+    spec: dict[str, Any], context: dict[str, Any] | None = None, search: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train one experiment spec (a JSON dict) and return its result; progress goes to job.meta.
+
+    `search` (set by schedule-search) makes the run a point of a search: a bayes point's params are
+    sampled here, a pruner may stop it early (status `pruned`), and its record joins the search's.
+    """
     job = get_current_job()
+    trial = None
     try:
-        experiment = load_spec(spec)
+        trial = open_search_trial(job, search)
+        experiment = load_spec(trial.complete_spec(spec) if trial else spec)
     except SpecError as error:
-        _mark_failure(job, "spec_error", str(error), retry=False)
+        _mark_failure(job, "spec_error", str(error), retry=False, trial=trial)
         raise
 
     from trainer.data import DataError
@@ -63,11 +73,11 @@ def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) 
     if job is not None:
         job.meta["code"] = code
         job.save_meta()
-    progress = JobProgress(job)
+    progress = JobProgress(job, trial)
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
     if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
-        return _stopped(job, TrainingInterrupted(CANCELLED, 0))
+        return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
     try:
         result = train(
             experiment,
@@ -78,20 +88,21 @@ def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) 
             resume=job is not None,
         )
     except TrainingInterrupted as stop:
-        return _stopped(job, stop)
+        return _stopped(job, stop, trial)
     except DataError as error:
-        _mark_failure(job, "data_error", str(error), retry=False)
+        _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
         raise
     except Exception as error:
         if is_out_of_memory(error):
             message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
-            _mark_failure(job, "oom", message, retry=False)
+            _mark_failure(job, "oom", message, retry=False, trial=trial)
             raise OutOfMemory(str(error)) from error
-        _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True)
+        _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
         raise
     if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports
         raise JobLost(f"job {job.id} was requeued while this worker trained it")
 
+    result["status"] = trial.finish(result) if trial else "finished"
     result["job_id"] = job.id if job else None
     result["worker"] = {"host": socket.gethostname(), "name": job.worker_name if job else None}
     result["code"] = code
@@ -105,21 +116,26 @@ def run_experiment(spec: dict[str, Any], context: dict[str, Any] | None = None) 
             "finished_at": time.time(),
             "context": context or {},
         } | result  # the result's batch_size is the one trained with, after any out-of-memory retry
+        if trial is not None:
+            summary |= trial.summary_fields(result["status"])
+        job.meta["status"] = result["status"]
+        job.save_meta()
         record_run(job.connection, summary)
     return result
 
 
-def _stopped(job: Job | None, stop: TrainingInterrupted):
+def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | None = None):
     """What a job interrupted at a step boundary leaves behind, by reason."""
     if stop.reason == SHUTDOWN:
         log.info("job %s: worker shutting down; requeued to resume after epoch %d", job.id if job else "-", stop.epoch)
         if job is not None:
             job.meta["shutdowns"] = int(job.meta.get("shutdowns", 0)) + 1
+            job.meta["shutdown_after_epoch"] = stop.epoch
         return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)
     if stop.reason == LOST:
         raise JobLost(str(stop))
     message = f"cancelled by `runyard cancel` after epoch {stop.epoch}; its checkpoint is kept"
-    _mark_failure(job, "cancelled", message, retry=False)  # the worker then marks it canceled (worker.process)
+    _mark_failure(job, "cancelled", message, retry=False, trial=trial)  # the worker then marks it canceled
     raise JobCancelled(message)
 
 
@@ -139,16 +155,32 @@ def with_worker_code(context: dict[str, Any] | None, job: Job | None) -> tuple[d
     return context, compare_code(context, worker_code)
 
 
+def aggregate_folds(
+    search: dict[str, Any], spec: dict[str, Any], folds: list[dict[str, Any]], run_name: str
+) -> dict[str, Any]:
+    """Mean ± std of a k-fold set's folds, once they have run (the job depends on them)."""
+    from worker.kfold import aggregate
+
+    job = get_current_job()
+    try:
+        return aggregate(job, search, spec, folds, run_name)
+    except SpecError as error:
+        _mark_failure(job, "spec_error", str(error), retry=False)
+        raise
+
+
 class JobProgress:
     """Writes each epoch's report into the RQ job's meta, where `runyard status` reads it.
 
     The meta history is keyed by epoch: a resumed job starts from its checkpoint's history,
     so the history has no gap and no epoch twice. A Redis outage skips a meta update (the next
-    epoch's write catches up) rather than failing a training run.
+    epoch's write catches up) rather than failing a training run. For a search point it also asks
+    the search's pruner; True stops training after this epoch.
     """
 
-    def __init__(self, job: Job | None):
+    def __init__(self, job: Job | None, trial: SearchTrial | None = None):
         self.job = job
+        self.trial = trial
         self.history: list[dict[str, float]] = []
 
     def apply_adjustments(self, spec: ExperimentSpec) -> ExperimentSpec:
@@ -157,6 +189,8 @@ class JobProgress:
         return ExperimentSpec.model_validate(spec.model_dump() | changes) if changes else spec
 
     def on_resume(self, info: ResumeInfo) -> None:
+        if self.trial is not None:
+            self.trial.resumed(info.history)
         if self.job is None:
             return
         self.job.meta["attempts"] = int(self.job.meta.get("attempts", 0)) + 1
@@ -179,13 +213,14 @@ class JobProgress:
         self._save()
 
     def on_epoch(self, report) -> bool:
+        stop = self.trial.should_stop(report) if self.trial is not None else False
         if self.job is None:
-            return False
+            return stop
         self.history = [row for row in self.history if row["epoch"] < report.epoch] + [self._row(report)]
         self.job.meta["progress"] = asdict(report)
         self.job.meta["history"] = self.history
         self._save()
-        return False
+        return stop
 
     @staticmethod
     def _row(report) -> dict[str, float]:
@@ -198,8 +233,10 @@ class JobProgress:
             log.warning("job %s: progress not saved, Redis unreachable (%s)", self.job.id, error)
 
 
-def _mark_failure(job: Job | None, reason: str, message: str, retry: bool) -> None:
+def _mark_failure(job: Job | None, reason: str, message: str, retry: bool, trial: SearchTrial | None = None) -> None:
     """Say why the job failed in its meta; with retry=False, RQ's Retry policy is not used up on it."""
+    if trial is not None:
+        trial.fail(final=not retry or job is None or not job.retries_left)
     if job is None:
         return
     job.meta["failure_reason"] = reason

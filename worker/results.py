@@ -24,6 +24,21 @@ def search_leaderboard_key(search: str) -> str:
     return f"{PREFIX}:search:{search}:leaderboard"
 
 
+def search_key(search: str) -> str:
+    """The search's definition (JSON), written by schedule-search on every publish."""
+    return f"{PREFIX}:search:{search}"
+
+
+def search_points_key(search: str) -> str:
+    """Hash of point id -> its claim (job id, run name): what makes each point run exactly once."""
+    return f"{PREFIX}:search:{search}:points"
+
+
+def get_search(connection: redis.Redis, search: str) -> dict[str, Any] | None:
+    raw = connection.get(search_key(search))
+    return json.loads(raw) if raw else None
+
+
 def reserve_run_name(connection: redis.Redis, name: str) -> str:
     """Claim `name`, or `name-2`, `name-3`, ... if taken: every run gets its own run dir."""
     candidate, suffix = name, 1
@@ -33,15 +48,22 @@ def reserve_run_name(connection: redis.Redis, name: str) -> str:
     return candidate
 
 
-def record_run(connection: redis.Redis, summary: dict[str, Any]) -> None:
-    """Store a finished run's summary and rank it by best validation F1 (global and per search)."""
+def record_run(connection: redis.Redis, summary: dict[str, Any], global_board: bool = True) -> None:
+    """Store a finished run's summary and rank it by best validation F1 (global and per search).
+
+    A search ranks its points by `search_score` when the summary has one (its metric, negated when
+    lower is better); a score of None keeps the run off the search's board (a k-fold fold: its
+    set's aggregate stands for it). `global_board=False` is for records that are not one run.
+    """
     name = summary["run_name"]
     score = float(summary["best"]["val_f1"])
+    search_score = summary.get("search_score", score)
     with connection.pipeline() as pipeline:
         pipeline.set(run_key(name), json.dumps(summary))
-        pipeline.zadd(LEADERBOARD_KEY, {name: score})
-        if summary.get("search"):
-            pipeline.zadd(search_leaderboard_key(summary["search"]), {name: score})
+        if global_board:
+            pipeline.zadd(LEADERBOARD_KEY, {name: score})
+        if summary.get("search") and search_score is not None:
+            pipeline.zadd(search_leaderboard_key(summary["search"]), {name: float(search_score)})
         pipeline.execute()
 
 

@@ -1,0 +1,153 @@
+"""One search at a glance: each point's state and progress, and the search's leaderboard.
+
+Reads what schedule-search wrote (the search's definition and its points hash, keys in
+worker.results), RQ's jobs, and runyard's run records for points whose RQ job has expired.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import redis
+from rich.table import Table
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from worker.results import get_search, leaderboard, run_key, search_points_key
+
+POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
+FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+ALL_ROWS = 100_000
+
+
+def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, str | None]:
+    """(state, detail) of a point from its RQ job, or from its run record once RQ forgot the job."""
+    if job is None:
+        if record is not None:
+            return record.get("status", "finished"), None
+        return "missing", "no job: re-run the search to enqueue it"
+    status = job.get_status(refresh=False)
+    meta = job.meta or {}
+    if status == JobStatus.FINISHED:
+        return ("pruned" if meta.get("status") == "pruned" else "finished"), None
+    if status == JobStatus.STARTED:
+        return "running", job.worker_name
+    if status in FAILED_STATUSES:
+        return "failed", meta.get("failure_reason") or str(status.value)
+    if status == JobStatus.DEFERRED:
+        return "queued", "waiting for its folds"
+    return "queued", None
+
+
+def _position(info: dict[str, Any]) -> tuple[int, int]:
+    """A point's place in tables: by index; a k-fold set's folds in order, then its aggregate."""
+    fold = info.get("fold")
+    return info["index"], (fold if fold is not None else (10**6 if info["kind"] == "aggregate" else -1))
+
+
+def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] | None:
+    """Every point of search `name` with its state, epoch and metric; None if no such search."""
+    definition = get_search(connection, name)
+    claims = {key.decode(): json.loads(value) for key, value in connection.hgetall(search_points_key(name)).items()}
+    if definition is None and not claims:
+        return None
+    metric = (definition or {}).get("metric") or {"name": "val_f1", "goal": "maximize"}
+    ordered = sorted(claims.items(), key=lambda item: _position(item[1]["info"]))
+    jobs = Job.fetch_many([claim["job_id"] for _id, claim in ordered], connection, serializer=JSONSerializer)
+    raw_records = connection.mget([run_key(claim["run_name"]) for _id, claim in ordered]) if ordered else []
+    rows = []
+    for (point_id, claim), job, raw in zip(ordered, jobs, raw_records, strict=True):
+        record = json.loads(raw) if raw else None
+        state, detail = _point_state(job, record)
+        meta = (job.meta if job is not None else {}) or {}
+        progress = meta.get("progress") or {}
+        value = None
+        if record is not None:
+            value = (record.get("metric") or {}).get("best")
+        elif progress:
+            value = progress.get(f"best_{metric['name']}", progress.get(metric["name"]))
+        rows.append(
+            {
+                "index": claim["info"]["index"],
+                "point": point_id,
+                "kind": claim["info"]["kind"],
+                "run_name": claim["run_name"],
+                "job_id": claim["job_id"],
+                "state": state,
+                "detail": detail,
+                "epoch": (record or {}).get("epochs_completed") or progress.get("epoch"),
+                "epochs": progress.get("epochs") or meta.get("epochs"),
+                "metric": value,
+                "params": (record or {}).get("params") or meta.get("params") or claim["info"]["params"],
+            }
+        )
+    counts = Counter(row["state"] for row in rows)
+    return {
+        "search": name,
+        "definition": definition,
+        "metric": metric,
+        "points": len(rows),
+        "counts": {state: counts.get(state, 0) for state in POINT_STATES},
+        "done": counts.get("finished", 0) + counts.get("pruned", 0),
+        "rows": rows,
+    }
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _parameter_names(definition: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+    names = list((definition or {}).get("parameters") or {})
+    return names or sorted({name for row in rows for name in row.get("params") or {}})
+
+
+def search_status_table(status: dict[str, Any]) -> Table:
+    """The points of a search with state, epoch and metric: what `runyard status --search` prints."""
+    counts = ", ".join(f"{count} {state}" for state, count in status["counts"].items() if count)
+    method = (status["definition"] or {}).get("method", "?")
+    table = Table(title=f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}")
+    parameters = _parameter_names(status["definition"], status["rows"])
+    for column in ("#", "run", "state", "epoch", status["metric"]["name"], *parameters, "note"):
+        table.add_column(column, justify="right" if column in ("#", "epoch") else "left", overflow="fold")
+    for row in status["rows"]:
+        epoch = f"{row['epoch'] or 0}/{row['epochs'] or '?'}" if row["kind"] != "aggregate" else "-"
+        params = [_fmt(row["params"].get(name)) for name in parameters]
+        note = row["detail"] or ("" if row["kind"] in ("run", "trial") else row["kind"])
+        table.add_row(str(row["index"]), row["run_name"], row["state"], epoch, _fmt(row["metric"]), *params, note)
+    return table
+
+
+def search_leaderboard(connection: redis.Redis, name: str, limit: int = ALL_ROWS) -> list[dict[str, Any]]:
+    """The search's finished points (k-fold sets as one row), best first by the search's metric."""
+    return leaderboard(connection, limit=limit, search=name)
+
+
+def search_leaderboard_table(rows: list[dict[str, Any]], name: str, definition: dict[str, Any] | None) -> Table:
+    """Best first; a k-fold set shows mean ± std over its folds."""
+    metric = ((definition or {}).get("metric") or {}).get("name", "val_f1")
+    table = Table(title=f"search {name}: best {metric} first")
+    parameters = _parameter_names(definition, rows)
+    for column in ("#", "run", "status", metric, *parameters, "epochs"):
+        table.add_column(column, justify="right" if column in ("#", "epochs") else "left")
+    for rank, row in enumerate(rows, 1):
+        if row.get("kind") == "kfold":
+            value = f"{_fmt(row['mean'][metric])} ± {_fmt(row['std'][metric])} (k={row['k']})"
+        else:
+            value = _fmt((row.get("metric") or {}).get("best", row["best"].get("val_f1")))
+        params = [_fmt((row.get("params") or {}).get(parameter)) for parameter in parameters]
+        table.add_row(
+            str(rank),
+            row["run_name"],
+            row.get("status", "finished"),
+            value,
+            *params,
+            str(row.get("epochs_completed", "-")),
+        )
+    return table

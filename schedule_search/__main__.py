@@ -1,0 +1,3 @@
+from schedule_search.cli import schedule_search_command
+
+schedule_search_command(prog_name="schedule-search")
