@@ -119,6 +119,11 @@ class RunyardWorker(Worker):
         self.janitor.start()
 
     def _stop_before_work(self, signum, frame):
+        if os.getpid() != self.pid and self.scheduler is not None:
+            # RQ's scheduler process, forked from this worker, got the worker's stop (SIGTERM) before
+            # it installed its own handlers: stop the scheduler, or the worker waits on it forever.
+            self.scheduler.request_stop()
+            return
         log.info("%s: warm shut down requested while starting; stopping before taking a job", self.name)
         self._shutdown_requested_date = now()
         self._stop_requested = True
