@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_spec
+from tests.helpers import run_cli, tiny_spec
 from trainer import compute, cores
 from trainer.compute import ComputePlan, plan_compute, prepare_model
-from trainer.spec import load_spec
+from trainer.spec import SpecError, load_spec
 from trainer.train import Trainer
 from worker.cli import worker_slots
 
@@ -87,6 +87,14 @@ def test_spec_fields_for_the_cache_and_compile_do_not_change_the_spec_hash(demo_
     assert spec.image_cache == "memory" and spec.compile is False
     same = load_spec(tiny_spec(demo_data, image_cache="disk", compile=True))
     assert same.spec_hash() == spec.spec_hash()
+
+
+def test_an_unknown_image_cache_is_refused_by_the_spec_and_by_publish_with_the_choices(demo_data):
+    with pytest.raises(SpecError) as refused:
+        load_spec(tiny_spec(demo_data, image_cache="ram"))
+    assert refused.value.fields == ["image_cache"] and "'memory'" in str(refused.value)
+    result = run_cli("publish", "--model", "test_efficientnet", "--data-dir", str(demo_data), "--image-cache", "ram")
+    assert result.returncode == 2 and "'ram' is not one of 'none', 'memory', 'disk'" in result.stderr
 
 
 @pytest.mark.parametrize(
