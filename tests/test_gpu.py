@@ -73,3 +73,21 @@ def test_only_a_worker_pinned_to_one_gpu_checks_it_and_cpu_workers_skip(monkeypa
     assert pinned_gpu() == expected
     if expected is None:
         assert GpuCheck.from_environment() is None
+
+
+class FailingNvml(FakeNvml):
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        raise self.error
+
+
+def test_an_nvml_hiccup_lets_the_worker_take_jobs_but_a_stop_request_goes_through():
+    from rq.exceptions import StopRequested
+
+    assert GpuCheck(FailingNvml(RuntimeError("NVML_ERROR_UNKNOWN")), 0, 0.25).wait_until_free() >= 0
+    # RQ raises StopRequested from its signal handler wherever the worker is when Ctrl-C comes.
+    with pytest.raises(StopRequested):
+        GpuCheck(FailingNvml(StopRequested()), 0, 0.25).wait_until_free()

@@ -208,3 +208,32 @@ def test_ctrl_c_stops_an_idle_worker_cleanly(redis_url, connection):
     assert worker.wait(timeout=30) == 0
     assert Worker.all(connection=connection) == []
     assert "warm shut down requested" in worker.stdout.read()
+
+
+def test_a_stop_during_registry_maintenance_ends_the_loop_and_a_bad_record_does_not(connection, monkeypatch):
+    # Ctrl-C on an idle worker: RQ's handler raises StopRequested wherever the loop is; swallowed
+    # inside maintenance, the worker went on to a blocking dequeue and never stopped.
+    from rq import Worker
+    from rq.exceptions import StopRequested
+
+    from worker.process import RunyardWorker
+
+    worker = RunyardWorker(["default"], name="maintenance-test", connection=connection)
+    monkeypatch.setattr(Worker, "run_maintenance_tasks", lambda self: (_ for _ in ()).throw(StopRequested()))
+    with pytest.raises(StopRequested):
+        worker.run_maintenance_tasks()
+    monkeypatch.setattr(Worker, "run_maintenance_tasks", lambda self: (_ for _ in ()).throw(ValueError("bad record")))
+    worker.run_maintenance_tasks()  # logged and skipped
+
+
+def test_a_stop_whose_raise_went_astray_is_still_honoured_before_the_blocking_dequeue(connection):
+    from rq.exceptions import StopRequested
+
+    from worker.process import RunyardWorker
+
+    worker = RunyardWorker(["default"], name="astray-stop-test", connection=connection)
+    with pytest.raises(StopRequested):
+        worker._shutdown()  # idle: RQ raises, and the request is remembered as well
+    assert worker._stop_requested
+    with pytest.raises(StopRequested):
+        worker.dequeue_job_and_maintain_ttl(timeout=60)  # would otherwise block for a minute

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rq.exceptions import StopRequested
+
 log = logging.getLogger("runyard.gpu")
 
 DEFAULT_BUSY_FRACTION = 0.25
@@ -85,6 +87,8 @@ class GpuCheck:
         while True:
             try:
                 reason = busy_reason(self.nvml, self.index, self.fraction)
+            except StopRequested:  # the worker's stop, raised by RQ's signal handler: not an NVML error
+                raise
             except Exception as error:  # NVML hiccup: do not hold the queue hostage
                 log.warning("GPU %d: NVML query failed (%s); taking jobs anyway", self.index, error)
                 return time.monotonic() - started

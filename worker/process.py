@@ -57,6 +57,8 @@ RECONNECT_BACKOFF_S = (1, 2, 4, 8, 15, 30, 60)
 # RQ stretches its connection's socket timeout past its blocking dequeue; the heartbeat and
 # janitor threads get their own client (never shared with the forked horse) that fails faster.
 THREAD_SOCKET_TIMEOUT_S = 5
+# How long a stopping worker waits for its RQ scheduler process before killing it.
+SCHEDULER_STOP_GRACE_S = 10
 # Every Redis command of a worker (and of its work horse, which inherits the connection) retries
 # for about half a minute, so a Redis restart passes unnoticed by a job that is finishing.
 PATIENT_RETRY = Retry(ExponentialBackoff(cap=8, base=0.5), retries=7)
@@ -128,6 +130,33 @@ class RunyardWorker(Worker):
         self._shutdown_requested_date = now()
         self._stop_requested = True
 
+    def stop_scheduler(self):
+        # RQ joins its scheduler process without a time limit; a scheduler that missed its stop
+        # would keep this worker from exiting. It holds nothing worth waiting for (its locks
+        # expire), so after a grace period it is killed.
+        process = self.scheduler._process if self.scheduler is not None else None
+        if process is None or process.pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_GRACE_S)
+        if process.is_alive():
+            log.warning(
+                "%s: RQ's scheduler (pid %d) did not stop in %d s; killing it",
+                self.name,
+                process.pid,
+                SCHEDULER_STOP_GRACE_S,
+            )
+            process.kill()
+            process.join()
+
+    def _shutdown(self):
+        # An idle worker's stop is RQ raising StopRequested from its signal handler, wherever the
+        # loop happens to be; code that catches broadly (logging's handleError, for one) can swallow
+        # it. Remembering the request too lets the loop and the dequeue below still honour it.
+        self._stop_requested = True
+        super()._shutdown()
+
     def teardown(self):
         if self.is_horse:
             return
@@ -170,6 +199,8 @@ class RunyardWorker(Worker):
             return super().run_maintenance_tasks()
         except REDIS_ERRORS as error:
             self._redis_failed(error)
+        except StopRequested:  # Ctrl-C or SIGTERM while idle: RQ raises this from its signal handler
+            raise
         except Exception as error:  # a record nobody can read must not stop the worker (RQ would quit)
             log.warning("%s: registry maintenance skipped: %s: %s", self.name, type(error).__name__, error)
             self.last_cleaned_at = now()
@@ -191,6 +222,8 @@ class RunyardWorker(Worker):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """RQ's dequeue once the GPU is free; a record nobody can read is moved aside, not fatal."""
         while True:
+            if self._stop_requested:  # asked while the raise from the signal handler went astray
+                raise StopRequested()
             if self.gpu is not None:
                 self.gpu.wait_until_free(self.heartbeat)
             try:
