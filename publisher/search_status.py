@@ -15,7 +15,8 @@ from rich.table import Table
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.results import get_search, leaderboard, run_key, search_points_key
+from contracts.keys import run_key, search_points_key
+from worker.results import get_search, leaderboard
 
 POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)

@@ -20,6 +20,7 @@ import redis
 from rq import Queue, Retry
 from rq.job import Dependency, Job
 
+from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
 from publisher.queue import (
     DEFAULT_RETRIES,
     FAILURE_TTL_S,
@@ -32,7 +33,7 @@ from publisher.queue import (
 from schedule_search.points import Point
 from schedule_search.search import Search
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
-from worker.results import PREFIX, RUN_NAMES_KEY, get_search, search_key, search_points_key
+from worker.results import get_search
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
@@ -139,7 +140,7 @@ def claim_points(
     connection: redis.Redis, search: Search, dry_run: bool = False
 ) -> list[tuple[Point, str, dict[str, Any] | None]]:
     """Claim every point that needs a job, atomically; (point, outcome, claim) for each point."""
-    arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, f"{PREFIX}:run:"]
+    arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
     for point in search.points:
         info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
         info = json.dumps(info, separators=(",", ":"))

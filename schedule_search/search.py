@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contracts.keys import optuna_study_prefix
 from publisher.options import merge
 from schedule_search.bayes import bayes_settings, corner_points
 from schedule_search.config import (
@@ -32,7 +33,7 @@ from schedule_search.kfold import fan_out
 from schedule_search.parameters import Parameter, ParameterError
 from schedule_search.points import Point
 from trainer.spec import NON_RESULT_FIELDS, SpecError, load_spec
-from worker.search_trial import Metric, SearchPayload, StudySettings, study_prefix
+from worker.search_trial import Metric, SearchPayload, StudySettings
 
 MAX_POINTS = 100_000
 RANDOM_ATTEMPTS = 20  # draws per wanted point before a random search settles for fewer distinct points
@@ -128,7 +129,9 @@ def load_search(path: str | Path) -> Search:
                 bayes = bayes_settings(searched, config.run_cap, seed)
             except ParameterError as error:
                 raise SearchError(_prefixed(f"{source}: ", str(error))) from None
-        study = StudySettings(name=f"runyard-{name}", prefix=study_prefix(name), early_terminate=early, bayes=bayes)
+        study = StudySettings(
+            name=f"runyard-{name}", prefix=optuna_study_prefix(name), early_terminate=early, bayes=bayes
+        )
     return Search(name, config.method, str(path), config, config.metric, searched, points, study, warnings)
 
 

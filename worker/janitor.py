@@ -30,15 +30,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
-from worker.heartbeat import (
-    PREFIX,
-    REDIS_ERRORS,
-    WORKERS_KEY,
-    Heartbeat,
-    heartbeat_key,
-    heartbeat_ttl,
-    known_workers,
-)
+from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 
 DEFAULT_MAX_REQUEUES = 3
 REQUEUE_LOG_LENGTH = 20
@@ -54,10 +47,6 @@ def janitor_interval() -> float:
         return max(0.2, float(value)) if value else 10.0
     except ValueError:
         return 10.0
-
-
-def requeue_counter_key(job_id: str) -> str:
-    return f"{PREFIX}:requeues:{job_id}"
 
 
 @dataclass

@@ -109,11 +109,6 @@ class SearchPayload(BaseModel):
     kfold_set: str | None = None  # the k-fold set a fold belongs to (its aggregate ranks the set)
 
 
-def study_prefix(search: str) -> str:
-    """Redis key prefix of a search's Optuna journal (point optuna-dashboard's JournalRedisBackend at it)."""
-    return f"runyard:optuna:{search}"
-
-
 def search_fields(payload: SearchPayload, best: float | None, status: str) -> dict[str, Any]:
     """What a search point adds to its run record: search, point, params, status, metric, rank score."""
     scored = best is not None and payload.kfold_set is None
