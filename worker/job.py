@@ -25,6 +25,7 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.utils import import_attribute
 
+from contracts.job_meta import set_failure
 from contracts.keys import REFUSED_KEY, refused_job_key
 from worker.jobs import CALLBACKS, ENTRY_POINTS
 
@@ -112,8 +113,7 @@ class AllowListedJob(Job):
         self.retries_left = 0
         if "unserialized" in self.meta:  # unreadable meta: start a fresh one
             self.meta = {}
-        self.meta["failure_reason"] = "spec_error"
-        self.meta["failure_message"] = reason
+        set_failure(self.meta, "spec_error", reason)
         try:
             self.save_meta()
             self.connection.hset(self.key, "retries_left", 0)
