@@ -30,10 +30,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contracts.plugins import PRUNERS
 from publisher.options import merge, read_spec_file
 from schedule_search.parameters import Parameter
 from trainer.spec import NAME_PATTERN, SpecError, field_names
-from worker.search_trial import PRUNERS, EarlyTerminate, Metric
+from worker.search_trial import EarlyTerminate, Metric
 
 SEARCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IGNORED_WANDB_KEYS = ("program", "command")

@@ -37,7 +37,6 @@ from worker.results import get_search
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
-RETRIED_STATUSES = ("failed", "stopped", "canceled")
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
 # (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON}.

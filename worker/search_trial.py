@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rq.job import Job
 
+from contracts.plugins import PrunerName
 from trainer.spec import SpecError, format_validation_error
 from worker.connection import redis_url
 
@@ -34,10 +35,6 @@ METRICS: dict[str, Literal["maximize", "minimize"]] = {
     "train_acc": "maximize",
     "train_loss": "minimize",
 }
-# `hyperband` is what a W&B sweep file means by it: one set of bands at min_iter * eta**k where a run
-# below the top 1/eta stops (asynchronous successive halving). `hyperband_brackets` is Optuna's
-# bracketed Hyperband, which also starts some runs at later bands to hedge against slow starters.
-PRUNERS = ("hyperband", "successive_halving", "hyperband_brackets")
 
 
 class Metric(BaseModel):
@@ -66,11 +63,11 @@ class Metric(BaseModel):
 
 
 class EarlyTerminate(BaseModel):
-    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see PRUNERS)."""
+    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see contracts.plugins.PRUNERS)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["hyperband", "successive_halving", "hyperband_brackets"]
+    type: PrunerName
     min_iter: int = Field(ge=1)
     max_iter: int = Field(ge=1)
     eta: int = Field(ge=2)
