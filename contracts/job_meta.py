@@ -28,6 +28,7 @@ FailureReason = Literal[
 ]
 FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
 FAILURE_MESSAGE_LENGTH = 2000
+DEFAULT_MAX_REQUEUES = 3  # crashes of its worker a job survives (meta `max_requeues`)
 
 log = logging.getLogger("runyard.contracts")
 

@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
@@ -28,7 +29,6 @@ from publisher.search_status import (
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
-from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}

@@ -9,6 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from publisher.cli import CONTEXT, connect_or_fail, console, fail, parse_duration
 from publisher.queue import DEFAULT_RETRIES
 from schedule_search.config import SearchError
@@ -34,7 +35,16 @@ OUTCOME_LABELS = {
     "--retries", type=click.IntRange(0, 10), default=DEFAULT_RETRIES, show_default=True, help="Retries after a crash."
 )
 @click.option("--timeout", default="48h", show_default=True, help="Time limit per point (3600, 90m, 48h, 2d).")
-def schedule_search_command(file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str) -> None:
+@click.option(
+    "--max-requeues",
+    type=click.IntRange(0, 100),
+    default=DEFAULT_MAX_REQUEUES,
+    show_default=True,
+    help="Times a point's job is requeued after its worker died before it fails as `crashed`.",
+)
+def schedule_search_command(
+    file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str, max_requeues: int
+) -> None:
     """Publish a grid, random or bayes search from a W&B-sweep YAML file; each point runs once.
 
     Every point is validated before anything is enqueued. Publishing the same file again
@@ -73,7 +83,7 @@ def schedule_search_command(file: Path, dry_run: bool, as_json: bool, retries: i
         return
     connection = connect_or_fail()
     try:
-        report = publish_search(connection, search, retries=retries, timeout_s=timeout_s)
+        report = publish_search(connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
     except SearchConflict as error:
         fail(f"nothing enqueued: {error}")
     if as_json:

@@ -30,11 +30,10 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
-from contracts.job_meta import read_job_meta, set_failure
+from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
 from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 
-DEFAULT_MAX_REQUEUES = 3
 REQUEUE_LOG_LENGTH = 20
 COUNTER_TTL_S = 60 * 24 * 3600
 
