@@ -14,7 +14,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")  # trainer.optim.OPTIMIZERS
 SCHEDULERS = ("step", "cosine")  # trainer.optim.SCHEDULERS
 AUGMENTATIONS = ("base", "custom", "imgaug")  # trainer.augment.AUGMENTATIONS
 DATASETS = ("mask", "image_folder")  # trainer.loaders
-SEARCH_METHODS = ("grid", "random", "bayes")  # schedule_search.methods registry
+SearchMethodName = Literal["grid", "random", "bayes"]
+SEARCH_METHODS: tuple[str, ...] = get_args(SearchMethodName)  # schedule_search.methods.METHODS
 # `hyperband` is what a W&B sweep file means by it: one set of bands at min_iter * eta**k where a
 # run below the top 1/eta stops (asynchronous successive halving). `hyperband_brackets` is Optuna's
 # bracketed Hyperband. The worker's factories: worker.search_trial.PRUNER_FACTORIES.
