@@ -23,6 +23,7 @@ from rq.job import Dependency, Job
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish_context, queue, rq_queue_name
+from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
@@ -155,9 +156,9 @@ def release_claims(connection: redis.Redis, search: Search, claims: list[tuple[s
 
 
 def check_definition(connection: redis.Redis, search: Search) -> None:
-    """A bayes study keeps its space: publishing another space under the same name is refused."""
+    """A study that samples the space (bayes) keeps it: publishing another space under the same name is refused."""
     stored = get_search(connection, search.name)
-    if not stored or (search.method != "bayes" and stored.get("method") != "bayes"):
+    if not stored or not (keeps_space(search.method) or keeps_space(stored.get("method"))):
         return
     new = search.definition()
     if (stored.get("method"), stored.get("parameters"), stored.get("metric")) != (

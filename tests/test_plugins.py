@@ -62,3 +62,11 @@ def test_each_registered_optimizer_and_schedule_builds():
             scheduler = optim.create_scheduler(ExperimentSpec(scheduler=schedule, epochs=3, warmup_epochs=1), optimizer)
             assert isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR)
 
+
+def test_search_method_and_pruner_names_are_their_registries():
+    from schedule_search.methods import METHODS
+    from worker.search_trial import PRUNER_FACTORIES
+
+    assert set(plugins.SEARCH_METHODS) == set(METHODS)
+    assert all(METHODS[name].name == name for name in METHODS)
+    assert set(plugins.PRUNERS) == set(PRUNER_FACTORIES)
