@@ -9,9 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from contracts.job_meta import DEFAULT_MAX_REQUEUES
-from publisher.cli import CONTEXT, connect_or_fail, console, fail, parse_duration
-from publisher.queue import DEFAULT_RETRIES
+from publisher.cli import CONTEXT, connect_or_fail, console, enqueue_options, fail, parse_duration
 from schedule_search.config import SearchError
 from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search
@@ -31,17 +29,7 @@ OUTCOME_LABELS = {
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the points and which are new or done; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option(
-    "--retries", type=click.IntRange(0, 10), default=DEFAULT_RETRIES, show_default=True, help="Retries after a crash."
-)
-@click.option("--timeout", default="48h", show_default=True, help="Time limit per point (3600, 90m, 48h, 2d).")
-@click.option(
-    "--max-requeues",
-    type=click.IntRange(0, 100),
-    default=DEFAULT_MAX_REQUEUES,
-    show_default=True,
-    help="Times a point's job is requeued after its worker died before it fails as `crashed`.",
-)
+@enqueue_options("each point's job")
 def schedule_search_command(
     file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str, max_requeues: int
 ) -> None:
