@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
@@ -28,7 +29,6 @@ from publisher.search_status import (
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
-from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -69,25 +69,42 @@ def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec
     return load_spec(merge(base, given_options(parameters)))
 
 
+def enqueue_options(subject: str):
+    """--retries, --timeout and --max-requeues, for every command that enqueues (publisher.queue.job_options)."""
+
+    def add(command):
+        for option in reversed(
+            [
+                click.option(
+                    "--retries",
+                    type=click.IntRange(0, 10),
+                    default=DEFAULT_RETRIES,
+                    show_default=True,
+                    help="Retries after a crash.",
+                ),
+                click.option(
+                    "--timeout", default="48h", show_default=True, help=f"Time limit of {subject} (3600, 90m, 48h, 2d)."
+                ),
+                click.option(
+                    "--max-requeues",
+                    type=click.IntRange(0, 100),
+                    default=DEFAULT_MAX_REQUEUES,
+                    show_default=True,
+                    help=f"Times {subject} is requeued after its worker died before it fails as `crashed`.",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return add
+
+
 @click.command("publish", context_settings=CONTEXT)
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML spec file used as the base.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the spec; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 10),
-    default=DEFAULT_RETRIES,
-    show_default=True,
-    help="Retries after a crash.",
-)
-@click.option("--timeout", default="48h", show_default=True, help="Job time limit (3600, 90m, 48h, 2d).")
-@click.option(
-    "--max-requeues",
-    type=click.IntRange(0, 100),
-    default=DEFAULT_MAX_REQUEUES,
-    show_default=True,
-    help="Times the job is requeued after its worker died before it fails as `crashed`.",
-)
+@enqueue_options("the job")
 @spec_options
 def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **parameters):
     """Validate one experiment spec and put it on the Redis queue.

@@ -9,6 +9,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.job_meta import read_job_meta
 from worker.results import leaderboard
 
 LISTED_PER_STATE = 20
@@ -27,24 +28,24 @@ def _fetch(connection: redis.Redis, job_ids: list[str]) -> list[Job]:
 
 def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
     try:
-        meta = job.meta or {}
-    except Exception:
-        meta = {}
-    progress = meta.get("progress") or {}
+        meta = read_job_meta(job.meta, job.id)
+    except Exception:  # a record RQ itself cannot read
+        meta = read_job_meta({})
+    progress = meta.progress or {}
     return {
         "job_id": job.id,
-        "run_name": meta.get("run_name") or job.description,
+        "run_name": meta.run_name or job.description,
         "queue": queue_name,
         "worker": job.worker_name,
         "epoch": progress.get("epoch"),
-        "epochs": progress.get("epochs") or meta.get("epochs"),
+        "epochs": progress.get("epochs") or meta.epochs,
         "val_f1": progress.get("val_f1"),
         "best_val_f1": progress.get("best_val_f1"),
         "eta_seconds": progress.get("eta_seconds"),
-        "code": meta.get("code") or {},
-        "failure_reason": meta.get("failure_reason"),
-        "failure_message": meta.get("failure_message"),
-        "requeues": meta.get("requeues", 0),
+        "code": meta.code or {},
+        "failure_reason": meta.failure_reason,
+        "failure_message": meta.failure_message,
+        "requeues": meta.requeues or 0,
     }
 
 

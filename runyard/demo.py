@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rq.job import Job, JobStatus
 
+from contracts.job_meta import read_job_meta
 from publisher.cli import connect_or_fail, console, leaderboard_table
 from publisher.queue import publish_experiment
 from trainer.paths import runyard_home
@@ -80,7 +81,8 @@ def watch(connection, jobs: list[Job], worker: subprocess.Popen, console: Consol
                 status = job.get_status()
                 label = f"val F1 {report['val_f1']:.3f}" if report else status.value
                 if status in (JobStatus.FAILED, JobStatus.STOPPED):
-                    label = f"[red]{status.value}: {job.meta.get('failure_reason', 'see runyard status')}"
+                    reason = read_job_meta(job.meta, job.id).failure_reason or "see runyard status"
+                    label = f"[red]{status.value}: {reason}"
                 progress.update(tasks[job.id], completed=report.get("epoch", 0), f1=label)
             if worker.poll() is not None:
                 break

@@ -1,7 +1,7 @@
 """The search file: a W&B sweep YAML, plus runyard's own keys.
 
     name: b2-losses                  # optional; default: the file's stem + a hash of its content
-    method: grid                     # grid | random | bayes
+    method: grid                     # grid | random | bayes (schedule_search.methods)
     metric: {name: val_f1, goal: maximize}
     run_cap: 24                      # random/bayes: how many points (grid: at most this many)
     early_terminate: {type: hyperband, min_iter: 2, eta: 3}
@@ -30,10 +30,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contracts.plugins import PRUNERS, SEARCH_METHODS, SearchMethodName
 from publisher.options import merge, read_spec_file
 from schedule_search.parameters import Parameter
 from trainer.spec import NAME_PATTERN, SpecError, field_names
-from worker.search_trial import PRUNERS, EarlyTerminate, Metric
+from worker.search_trial import EarlyTerminate, Metric
 
 SEARCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IGNORED_WANDB_KEYS = ("program", "command")
@@ -89,7 +90,7 @@ class SearchConfig(BaseModel):
 
     name: Annotated[str | None, Field(pattern=SEARCH_NAME_PATTERN)] = None
     description: str | None = None
-    method: Literal["grid", "random", "bayes"]
+    method: SearchMethodName
     metric: Metric = Field(default_factory=Metric)
     run_cap: int | None = Field(None, ge=1, le=100_000)
     early_terminate: EarlyTerminateConfig | None = None
@@ -113,11 +114,9 @@ class SearchConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _method_needs(self) -> SearchConfig:
+    def _has_parameters(self) -> SearchConfig:
         if not self.parameters:
             raise ValueError("parameters: list at least one parameter to search")
-        if self.method in ("random", "bayes") and self.run_cap is None:
-            raise ValueError(f"run_cap: a {self.method} search needs run_cap, the number of points to run")
         return self
 
 
@@ -154,7 +153,8 @@ def parse_config(data: dict[str, Any], source: str) -> SearchConfig:
                 message = f"unknown key; did you mean {', '.join(close)}?" if close else ""
                 message = message or f"unknown key; a search file has: {', '.join(valid)}"
             elif item["type"] == "missing":
-                message = "required" + (": grid, random or bayes" if location == "method" else "")
+                choices = f"{', '.join(SEARCH_METHODS[:-1])} or {SEARCH_METHODS[-1]}"
+                message = "required" + (f": {choices}" if location == "method" else "")
             lines.append(f"{source}: {location}: {message}")
         raise SearchError("\n".join(lines)) from None
 
@@ -262,3 +262,8 @@ def default_name(source: Path, data: dict[str, Any]) -> str:
 def default_seed(name: str) -> int:
     """A seed derived from the search's name, so re-running a random search draws the same points."""
     return zlib.crc32(name.encode()) % 2**31
+
+
+def prefixed(prefix: str, message: str) -> str:
+    """`message` with `prefix` on each of its lines."""
+    return "\n".join(prefix + line for line in message.splitlines())

@@ -24,15 +24,31 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from contracts.epoch_report import EpochReport
 from trainer.interrupt import ResumeInfo
 
-if TYPE_CHECKING:
-    from trainer.train import EpochReport, Trainer
+
+class Resumable(Protocol):
+    """What a checkpoint saves and restores of a trainer (trainer.train.Trainer is one)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: Any  # its `scaler`: the AMP GradScaler
+    ema: Any  # timm's ModelEmaV3, or None
+    train_loader: Any  # its `generator` shuffles the training set
+    history: list[EpochReport]
+    best: dict[str, Any]
+    steps: int
+    start_epoch: int
+    run_dir: Path
+    device: torch.device
+
 
 # What a Trainer's checkpoint holds state_dict()s of, restored by name.
 STATEFUL_PARTS = ("model", "optimizer", "scheduler")
@@ -71,7 +87,7 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
         generator.set_state(states["loader"])
 
 
-def training_state(trainer: Trainer) -> dict[str, Any]:
+def training_state(trainer: Resumable) -> dict[str, Any]:
     """What a checkpoint needs beyond the weights and optimizer to resume exactly: RNG states and
     the epoch history (the EMA weights and step count are in the trainer's own checkpoint)."""
     return {
@@ -85,10 +101,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def restore_training_state(trainer: Trainer, state: dict[str, Any]) -> list[EpochReport]:
+def restore_training_state(trainer: Resumable, state: dict[str, Any]) -> list[EpochReport]:
     """Load a checkpoint's states into a freshly built Trainer; returns the restored epoch reports."""
-    from trainer.train import EpochReport
-
     for name in STATEFUL_PARTS:
         getattr(trainer, name).load_state_dict(state[name])
     trainer.autocast.scaler.load_state_dict(state["scaler"])
@@ -104,7 +118,7 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any]) -> list[Epoc
     return history
 
 
-def resume(trainer: Trainer) -> ResumeInfo:
+def resume(trainer: Resumable) -> ResumeInfo:
     """Continue `trainer` from its run dir's last checkpoint; from scratch when there is none."""
     path = checkpoint_path(trainer.run_dir)
     if not path.exists():

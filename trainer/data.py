@@ -13,10 +13,6 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from trainer.relabel import Correction
 
 NUM_CLASSES = 18
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -36,6 +32,21 @@ class Sample:
     path: str
     label: int
     profile: str  # who is in the picture: a split never puts one profile on both sides
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What to change for one profile (read by trainer.relabel); None keeps the folder's value."""
+
+    gender: str | None = None
+    age: int | None = None
+    swap: tuple[str, str] | None = None
+
+    def mask_state(self, stem: str) -> int:
+        """The mask state of the photo `stem` after the swap (if any)."""
+        if self.swap and stem in self.swap:
+            stem = self.swap[1] if stem == self.swap[0] else self.swap[0]
+        return MASK_STATES[stem]
 
 
 def age_class(age: int, threshold: int = 60) -> int:

@@ -41,7 +41,6 @@ from trainer.augment import Prefix
 
 log = logging.getLogger("runyard.trainer")
 
-CACHE_MODES = ("none", "memory", "disk")
 FORMAT_VERSION = 1
 
 

@@ -20,15 +20,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contracts.plugins import AUGMENTATIONS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS
 from trainer.loss_formula import format_loss, parse_loss
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-LOSSES = ("cross_entropy", "focal", "label_smoothing", "f1")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("step", "cosine")
-AUGMENTATIONS = ("base", "custom", "imgaug")
-DATASETS = ("mask", "image_folder")
 RELABELS = ("none", "default")  # or a path to a corrections .csv (see trainer/relabel.py)
 
 # Names the seed's scripts used, accepted so its configs keep working; keys are lower case with

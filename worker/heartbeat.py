@@ -23,8 +23,8 @@ from typing import Any
 import redis
 from redis.retry import Retry
 
-PREFIX = "runyard"
-WORKERS_KEY = f"{PREFIX}:workers"
+from contracts.keys import WORKERS_KEY, heartbeat_key
+
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 log = logging.getLogger("runyard.heartbeat")
@@ -43,10 +43,6 @@ def heartbeat_ttl() -> int:
     """Seconds a heartbeat lives (RUNYARD_HEARTBEAT_TTL, default 15)."""
     value = os.environ.get("RUNYARD_HEARTBEAT_TTL", "")
     return max(3, int(value)) if value.isdigit() else 15
-
-
-def heartbeat_key(worker_name: str) -> str:
-    return f"{PREFIX}:heartbeat:{worker_name}"
 
 
 def is_alive(connection: redis.Redis, worker_name: str) -> bool:

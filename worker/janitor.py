@@ -30,17 +30,10 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
-from worker.heartbeat import (
-    PREFIX,
-    REDIS_ERRORS,
-    WORKERS_KEY,
-    Heartbeat,
-    heartbeat_key,
-    heartbeat_ttl,
-    known_workers,
-)
+from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
+from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 
-DEFAULT_MAX_REQUEUES = 3
 REQUEUE_LOG_LENGTH = 20
 COUNTER_TTL_S = 60 * 24 * 3600
 
@@ -54,10 +47,6 @@ def janitor_interval() -> float:
         return max(0.2, float(value)) if value else 10.0
     except ValueError:
         return 10.0
-
-
-def requeue_counter_key(job_id: str) -> str:
-    return f"{PREFIX}:requeues:{job_id}"
 
 
 @dataclass
@@ -155,21 +144,21 @@ def requeue_job(
                 pipeline.execute()
                 return None
             requeues = int(pipeline.get(requeue_counter_key(job_id)) or 0) + (1 if count else 0)
-            limit = int(job.meta.get("max_requeues", DEFAULT_MAX_REQUEUES))
+            meta = read_job_meta(job.meta, job_id)
+            limit = DEFAULT_MAX_REQUEUES if meta.max_requeues is None else meta.max_requeues
             give_up = count and requeues > limit
             queue.get_redis_server_version()  # a read: done before MULTI buffers everything
             entry = {"at": time.time(), "by": by, "worker": dead_worker or execution.worker_name, "reason": reason}
             job.meta["requeues"] = requeues
-            job.meta["requeue_log"] = [*job.meta.get("requeue_log", []), entry | {"counted": count}][
-                -REQUEUE_LOG_LENGTH:
-            ]
+            job.meta["requeue_log"] = [*(meta.requeue_log or []), entry | {"counted": count}][-REQUEUE_LOG_LENGTH:]
 
             pipeline.multi()
             execution.delete(job=job, pipeline=pipeline)
             if give_up:
-                job.meta["failure_reason"] = "crashed"
-                job.meta["failure_message"] = (
-                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)"
+                set_failure(
+                    job.meta,
+                    "crashed",
+                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)",
                 )
                 job.ended_at = now()
                 pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
@@ -187,7 +176,7 @@ def requeue_job(
             return None
     outcome = Requeued(
         job_id,
-        job.meta.get("run_name"),
+        read_job_meta(job.meta, job_id).run_name,
         queue_name,
         entry["worker"],
         "failed" if give_up else "requeued",

@@ -25,10 +25,10 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.utils import import_attribute
 
-from worker.heartbeat import PREFIX
+from contracts.job_meta import set_failure
+from contracts.keys import REFUSED_KEY, refused_job_key
 from worker.jobs import CALLBACKS, ENTRY_POINTS
 
-REFUSED_KEY = f"{PREFIX}:refused"
 REFUSED_KEPT = 200
 QUARANTINE_TTL_S = 30 * 24 * 3600
 
@@ -113,8 +113,7 @@ class AllowListedJob(Job):
         self.retries_left = 0
         if "unserialized" in self.meta:  # unreadable meta: start a fresh one
             self.meta = {}
-        self.meta["failure_reason"] = "spec_error"
-        self.meta["failure_message"] = reason
+        set_failure(self.meta, "spec_error", reason)
         try:
             self.save_meta()
             self.connection.hset(self.key, "retries_left", 0)
@@ -149,14 +148,14 @@ def quarantine(connection: redis.Redis, error: RefusedJob) -> None:
     record = {"job_id": job_id, "queue": getattr(queue, "name", None), "reason": str(error), "at": time.time()}
     with connection.pipeline() as pipeline:
         if connection.exists(Job.key_for(job_id)):
-            pipeline.rename(Job.key_for(job_id), f"{REFUSED_KEY}:{job_id}")
-            pipeline.expire(f"{REFUSED_KEY}:{job_id}", QUARANTINE_TTL_S)
+            pipeline.rename(Job.key_for(job_id), refused_job_key(job_id))
+            pipeline.expire(refused_job_key(job_id), QUARANTINE_TTL_S)
         if queue is not None:
             pipeline.lrem(IntermediateQueue.get_intermediate_queue_key(queue.key), 0, job_id)
         pipeline.lpush(REFUSED_KEY, json.dumps(record))
         pipeline.ltrim(REFUSED_KEY, 0, REFUSED_KEPT - 1)
         pipeline.execute()
-    log.error("%s; moved to %s:%s", error, REFUSED_KEY, job_id)
+    log.error("%s; moved to %s", error, refused_job_key(job_id))
 
 
 def refused_records(connection: redis.Redis, limit: int = 20) -> list[dict]:

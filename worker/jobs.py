@@ -14,6 +14,7 @@ from typing import Any
 from rq import Retry, get_current_job
 from rq.job import Job
 
+from contracts.job_meta import FailureReason, set_failure
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
@@ -26,8 +27,6 @@ RUN_EXPERIMENT = "worker.jobs.run_experiment"
 AGGREGATE_FOLDS = "worker.jobs.aggregate_folds"
 ENTRY_POINTS = frozenset({RUN_EXPERIMENT, AGGREGATE_FOLDS})
 CALLBACKS: frozenset[str] = frozenset()
-
-FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error", "fold_failed")
 
 # A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
 # failure, so the bound only stops a job that is shut down over and over from looping forever.
@@ -233,14 +232,15 @@ class JobProgress:
             log.warning("job %s: progress not saved, Redis unreachable (%s)", self.job.id, error)
 
 
-def _mark_failure(job: Job | None, reason: str, message: str, retry: bool, trial: SearchTrial | None = None) -> None:
+def _mark_failure(
+    job: Job | None, reason: FailureReason, message: str, retry: bool, trial: SearchTrial | None = None
+) -> None:
     """Say why the job failed in its meta; with retry=False, RQ's Retry policy is not used up on it."""
     if trial is not None:
         trial.fail(final=not retry or job is None or not job.retries_left)
     if job is None:
         return
-    job.meta["failure_reason"] = reason
-    job.meta["failure_message"] = message[:2000]
+    set_failure(job.meta, reason, message)
     job.save_meta()
     if not retry:
         job.retries_left = 0

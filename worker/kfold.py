@@ -17,6 +17,7 @@ from typing import Any
 
 from rq.job import Job
 
+from contracts.job_meta import set_failure, update_job_meta
 from trainer.paths import runs_root
 from trainer.spec import load_spec
 from worker.results import get_run, record_run
@@ -78,8 +79,7 @@ def aggregate(
             "re-run the search to retry them (finished folds are kept)"
         )
         if job is not None:
-            job.meta["failure_reason"] = "fold_failed"
-            job.meta["failure_message"] = message
+            set_failure(job.meta, "fold_failed", message)
             job.retries_left = 0
             job.save_meta()
         raise FoldsMissing(message)
@@ -124,7 +124,7 @@ def aggregate(
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     if connection is not None:
         record_run(connection, result, global_board=False)
-        job.meta["status"] = "finished"
+        update_job_meta(job.meta, status="finished")
         job.save_meta()
     return result
 

@@ -38,6 +38,7 @@ from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from contracts.job_meta import read_job_meta, set_failure
 from trainer.data import DataError
 from trainer.spec import SpecError
 from worker.code_version import CODE_DIR, fast_forward, loaded_code_state
@@ -327,7 +328,7 @@ class RunyardWorker(Worker):
         # A refused payload, a bad spec, missing data, a cancel: one line with the reason says it
         # all; tracebacks stay for the failures that are bugs.
         if exc_info[0] is not None and issubclass(exc_info[0], EXPECTED_FAILURES):
-            reason = job.meta.get("failure_reason") or exc_info[0].__name__
+            reason = read_job_meta(job.meta, job.id).failure_reason or exc_info[0].__name__
             log.warning("%s: job %s failed (%s): %s", self.name, job.id, reason, str(exc_info[1]).splitlines()[0])
             call_exception_handlers(self._exc_handlers, job, *exc_info)
             return
@@ -362,8 +363,8 @@ class RunyardWorker(Worker):
             )
             if outcome is not None:
                 return
-        meta = job.meta if self.is_horse else job.get_meta(refresh=True)
-        if meta.get("failure_reason") == "cancelled" or self.connection.exists(cancel_key(job.id)):
+        meta = read_job_meta(job.meta if self.is_horse else job.get_meta(refresh=True), job.id)
+        if meta.failure_reason == "cancelled" or self.connection.exists(cancel_key(job.id)):
             self._finish_cancelled(job, execution)
             return
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
@@ -375,9 +376,8 @@ class RunyardWorker(Worker):
     def _finish_cancelled(self, job: Job, execution) -> None:
         """A cancelled job ends as RQ's `canceled` (not failed, not retried), its reason in meta."""
         self._stopped_job_id = None
-        if job.meta.get("failure_reason") != "cancelled":  # stopped by `runyard cancel --force`
-            job.meta["failure_reason"] = "cancelled"
-            job.meta["failure_message"] = "cancelled by `runyard cancel --force`: its work horse was killed"
+        if read_job_meta(job.meta, job.id).failure_reason != "cancelled":  # stopped by `runyard cancel --force`
+            set_failure(job.meta, "cancelled", "cancelled by `runyard cancel --force`: its work horse was killed")
         with self.connection.pipeline() as pipeline:
             job.set_status(JobStatus.CANCELED, pipeline=pipeline)
             job.save(pipeline=pipeline)
