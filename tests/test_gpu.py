@@ -91,3 +91,27 @@ def test_an_nvml_hiccup_lets_the_worker_take_jobs_but_a_stop_request_goes_throug
     # RQ raises StopRequested from its signal handler wherever the worker is when Ctrl-C comes.
     with pytest.raises(StopRequested):
         GpuCheck(FailingNvml(StopRequested()), 0, 0.25).wait_until_free()
+
+
+def test_while_it_waits_the_check_says_why_and_forgets_it_once_the_gpu_is_free(monkeypatch):
+    nvml = FakeNvml(processes={0: [(4242, 10 * GIB)]})
+    check = GpuCheck(nvml, 0, 0.25)
+    seen = []
+
+    def leave_after_one_poll():
+        seen.append(check.waiting)  # what the worker's heartbeat publishes meanwhile
+        nvml.processes = {}
+
+    monkeypatch.setattr(gpu.time, "sleep", lambda seconds: None)
+    check.wait_until_free(leave_after_one_poll)
+    assert seen == ["GPU 0: 1 other process(es) (pid 4242) hold 10.0 of 16.0 GiB, more than 25%"]
+    assert check.waiting is None
+
+
+@pytest.mark.parametrize("value, expected", [(None, 30.0), ("2", 2.0), ("0", 0.5), ("soon", 30.0)])
+def test_the_poll_interval_comes_from_the_environment_within_bounds(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("RUNYARD_GPU_POLL_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("RUNYARD_GPU_POLL_SECONDS", value)
+    assert gpu.poll_seconds() == expected
