@@ -145,10 +145,12 @@ class WorkerRun:
         return holder
 
     def job_status(self, job_id: str) -> str:
+        """RQ's status of the job, as its plain value (`queued`, `started`, `finished`...)."""
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
-        return str(Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer).get_status(refresh=True))
+        status = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer).get_status(refresh=True)
+        return str(getattr(status, "value", status))
 
     def wait_finished(self, job_id: str, timeout: float) -> tuple[str, dict[str, Any] | None, float]:
         """Wait for the job to end (or `timeout`): its status, its result, the seconds waited."""
@@ -158,7 +160,7 @@ class WorkerRun:
         started = time.monotonic()
         status = "unknown"
         while time.monotonic() - started < timeout:
-            status = self.job_status(job_id).rsplit(".", 1)[-1].lower()
+            status = self.job_status(job_id)
             if status in ("finished", "failed", "stopped", "canceled"):
                 break
             time.sleep(1)

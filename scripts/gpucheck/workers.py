@@ -58,10 +58,32 @@ def check_oom(ctx: Context) -> dict[str, Any]:
     }
 
 
+def nvml_view(index: int = 0) -> dict[str, Any]:
+    """NVML's answers for GPU `index`: memory in GiB and the compute processes it lists."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    return {
+        "total_gib": round(memory.total / 2**30, 1),
+        "used_gib": round(memory.used / 2**30, 1),
+        "processes": [
+            {
+                "pid": process.pid,
+                "gib": None if process.usedGpuMemory is None else round(process.usedGpuMemory / 2**30, 1),
+            }
+            for process in processes
+        ],
+    }
+
+
 def check_nvml(ctx: Context) -> dict[str, Any]:
     """Another process holds 40% of the GPU: the worker waits, says why, and runs the job once released."""
     with WorkerRun(ctx, "nvml", extra_env={"RUNYARD_GPU_POLL_SECONDS": "2"}) as run:
         holder = run.hold_gpu_memory(fraction=0.4)
+        seen = nvml_view()  # what the worker's check will be told: a container may hide processes
         job_id = run.publish(tiny_spec(ctx, "nvml-job"))
         run.start_worker()
         reason = run.wait_for_heartbeat("gpu_wait", timeout=40)
@@ -79,5 +101,6 @@ def check_nvml(ctx: Context) -> dict[str, Any]:
             "status_while_held": status_while_held,
             "status": status,
             "seconds_after_release": round(after_release, 1),
+            "nvml_while_held": seen,
         },
     }
