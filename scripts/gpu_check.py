@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,14 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+class StopCheck(Exception):
+    """The whole check was asked to stop (SIGTERM)."""
+
+
+def stop_on_signal(signum: int, _frame) -> None:
+    raise StopCheck(signal.Signals(signum).name)
+
+
 def run_section(section: Section, ctx: Context, budget: float, out: Path) -> dict[str, Any]:
     """Run one section in a child process within `budget` seconds; its log goes to out/logs."""
     work = ctx.work / section.name
@@ -96,6 +105,11 @@ def run_section(section: Section, ctx: Context, budget: float, out: Path) -> dic
             kill_tree(child.pid)
             child.wait()
             timed_out = True
+        except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): take the section down too
+            kill_tree(child.pid)
+            child.wait()
+            stop_embedded_redis(work)
+            raise
     record: dict[str, Any] = {"name": section.name, "question": section.question, "budget_s": round(budget)}
     record["seconds"] = round(time.monotonic() - started, 1)
     if timed_out:
@@ -160,6 +174,8 @@ def cuda_skip_reason() -> str | None:
 
 
 def describe_machine(device: str) -> dict[str, Any]:
+    """Host, Python, torch, and on CUDA the card: asked through NVML where it can be, so that this
+    parent process never holds a CUDA context of its own (NVML would list it beside the checks')."""
     import torch
 
     found: dict[str, Any] = {
@@ -169,16 +185,30 @@ def describe_machine(device: str) -> dict[str, Any]:
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": [round(value, 1) for value in os.getloadavg()],
     }
-    if device == "cuda":
-        properties = torch.cuda.get_device_properties(0)
-        found |= {
-            "gpu": properties.name,
-            "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
-            "compute_capability": f"{properties.major}.{properties.minor}",
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
+    if device != "cuda":
+        return found
+    found |= {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return found | {
+            "gpu": name.decode() if isinstance(name, bytes) else name,
+            "gpu_memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30, 1),
+            "compute_capability": f"{major}.{minor}",
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
         }
-    return found
+    except Exception as error:  # no nvidia-ml-py: torch can tell, at the price of a context
+        found["nvml"] = f"{type(error).__name__}: {error}"
+    properties = torch.cuda.get_device_properties(0)
+    return found | {
+        "gpu": properties.name,
+        "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+        "compute_capability": f"{properties.major}.{properties.minor}",
+    }
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -318,11 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         preflight["demo_data"] = counts | {"seconds": round(time.monotonic() - started, 1), "image_size": "512x384"}
         log(f"gpu_check: demo data at 512x384 in {data_dir}: {counts}")
     ctx = Context(args.device, args.quick, data_dir, work)
-    records = []
+    machine = describe_machine(args.device)
+    mode = args.device + (" quick" if args.quick else "")
+    records: list[dict[str, Any]] = []
+    # `timeout` (or the device tool) stopping this command still leaves the summary of what ran.
+    signal.signal(signal.SIGTERM, stop_on_signal)
     for name in names:
         section = SECTIONS[name][0]
         left = args.time_limit - (time.monotonic() - began)
-        budget = min(budgets.get(name, section.budget_s), left)
+        # The budgets are sized for the GPU box; a 2-core developer box is slower at everything.
+        budget = min(budgets.get(name, section.budget_s * (2 if args.quick else 1)), left)
         needs = [module for module in section.needs if module in preflight["missing"]]
         skipped = None
         if needs:
@@ -337,16 +372,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{name}] skipped: {skipped}")
             continue
         log(f"[{name}] {section.question} (budget {budget:.0f} s) ...")
-        record = run_section(section, ctx, budget, out)
+        section_started = time.monotonic()
+        try:
+            record = run_section(section, ctx, budget, out)
+        except StopCheck as stop:
+            seconds = round(time.monotonic() - section_started, 1)
+            records.append({"name": name, "question": section.question, "status": "timeout", "seconds": seconds})
+            records[-1] |= {"budget_s": round(budget), "detail": f"the check was stopped ({stop})", "headline": ""}
+            break
         log(f"[{name}] {record['status']} in {record['seconds']:.1f} s: {record['headline']} {record['detail']}")
         records.append(record)
-    summary = build_summary(
-        records,
-        describe_machine(args.device),
-        args.device + (" quick" if args.quick else ""),
-        time.monotonic() - began,
-        preflight,
-    )
+        partial = build_summary(records, machine, mode, time.monotonic() - began, preflight)
+        (out / "summary.json").write_text(json.dumps(partial | {"partial": True}, indent=2, default=str))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    summary = build_summary(records, machine, mode, time.monotonic() - began, preflight)
     table = format_table(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "summary.txt").write_text(table + "\n")
