@@ -188,4 +188,9 @@ def check_checkpoint(ctx: Context) -> dict[str, Any]:
         figures["cpu_cuda_agreement"] = round(agree / len(submissions["cpu"]), 4)
         headline += f", {figures['cpu_cuda_agreement']:.1%} the same as on CUDA"
     passed = bool(submissions["cpu"]) and figures.get("cpu_cuda_agreement", 1.0) >= 0.98
-    return {"passed": passed, "detail": "" if passed else "CPU and CUDA predictions disagree", "headline": headline}
+    return {
+        "passed": passed,
+        "detail": "" if passed else "CPU and CUDA predictions disagree",
+        "headline": headline,
+        "figures": figures,
+    }

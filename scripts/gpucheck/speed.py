@@ -51,7 +51,10 @@ def check_throughput(ctx: Context) -> dict[str, Any]:
 
 def measure_variants(ctx: Context, variants: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
     """Model-bound img/s (throughput.py's measure) and trainer img/s of epoch 2, per compute plan."""
+    import gc
     import math
+
+    import torch
 
     throughput = load_throughput_module()
     from trainer.spec import load_spec
@@ -64,6 +67,7 @@ def measure_variants(ctx: Context, variants: dict[str, Any], steps: int) -> dict
     )
     measured: dict[str, dict[str, Any]] = {}
     for name, plan in variants.items():
+        trainer = None
         try:
             trainer = Trainer(spec.model_copy(update={"run_name": f"variant-{name}"}), compute_plan=plan)
             started = time.perf_counter()
@@ -81,6 +85,10 @@ def measure_variants(ctx: Context, variants: dict[str, Any], steps: int) -> dict
             }
         except Exception as error:  # one variant's failure (no triton, no fp16 on this CPU) is a figure too
             measured[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        trainer = None  # the next variant starts with the GPU (and the loader workers) free
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         log(f"    {name}: {json.dumps(measured[name])}")
         ctx.save_partial(measured)  # what a section stopped on its budget still reports
     return measured
