@@ -326,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             line = f"gpu_check: skipped: {reason}; nothing to check (--device cpu --quick runs the code on the CPU)"
             print(json.dumps({"gpu_check": 1, "skipped": reason}) if args.json else line)
+            if args.out:  # what the device tool copies back says so too
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "summary.json").write_text(json.dumps({"gpu_check": 1, "skipped": reason}) + "\n")
+                (args.out / "summary.txt").write_text(line + "\n")
             return 0
     began = time.monotonic()
     out = args.out or Path(tempfile.mkdtemp(prefix="runyard-gpu-check-out-"))

@@ -45,6 +45,7 @@ def test_without_cuda_the_json_mode_skips_in_one_json_line(gpu_check, capsys, mo
     assert gpu_check.main(["--json", "--out", str(tmp_path / "out")]) == 0
     [line] = capsys.readouterr().out.splitlines()
     assert json.loads(line)["skipped"].startswith("no CUDA device visible")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == json.loads(line)  # for the copy back
 
 
 @pytest.mark.parametrize(
@@ -150,3 +151,23 @@ def test_the_cpu_developer_mode_runs_a_section_in_a_child_and_writes_the_summary
     assert (nvml["status"], nvml["detail"]) == ("skipped", "needs a GPU and NVML")
     assert "augment     pass" in (out / "summary.txt").read_text()
     assert "Traceback" not in (out / "logs" / "augment.log").read_text()
+
+
+def test_a_section_past_its_budget_is_stopped_and_recorded_as_a_timeout(gpu_check, demo_data, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    (out / "logs").mkdir(parents=True)
+    ctx = gpu_check.Context("cpu", True, demo_data, work)
+    section = gpu_check.SECTIONS["resume"][0]
+    record = gpu_check.run_section(section, ctx, 1.0, out)  # importing torch alone takes longer
+    assert (record["name"], record["status"], record["budget_s"]) == ("resume", "timeout", 1)
+    assert record["detail"] == "stopped after its budget of 1 s"
+    assert record["seconds"] < 10
+    from gpucheck.processes import descendants
+
+    def command_line(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:  # it has just exited
+            return ""
+
+    assert not [pid for pid in descendants(os.getpid()) if "--section" in command_line(pid)]  # the section is gone
