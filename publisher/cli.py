@@ -5,6 +5,7 @@ Nothing here imports torch: `publish --help` stays fast and works on a box witho
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -72,6 +73,21 @@ def given_fields(config: str | None, parameters: dict[str, Any]) -> dict[str, An
 def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec:
     """The spec from a --config file (if any) with the typed options on top; SpecError if invalid."""
     return load_spec(given_fields(config, parameters))
+
+
+def check_crop_here(spec: ExperimentSpec, data_here: bool) -> None:
+    """Refuse a center_crop larger than the dataset's images where this box sees them; else warn."""
+    crop = f"center_crop {spec.center_crop[0]}x{spec.center_crop[1]}"
+    if not data_here or importlib.util.find_spec("PIL") is None:
+        click.echo(
+            f"warning: {crop} is not checked against the images here; the job fails if it does not fit", err=True
+        )
+        return
+    from trainer.image_files import crop_problem, image_files
+
+    problem = crop_problem(tuple(spec.center_crop), image_files(spec.data_dir))
+    if problem:
+        fail(f"invalid spec, nothing enqueued:\n{problem}")
 
 
 def kfold_search_file(fields: dict[str, Any], k: int) -> str:
@@ -149,11 +165,14 @@ def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **
         )
         click.echo(kfold_search_file(fields, spec.kfold.k), err=True)
         fail(f"(or publish one fold on purpose with --kfold-fold 0..{spec.kfold.k - 1})")
-    if not Path(spec.data_dir).expanduser().exists():
+    data_here = Path(spec.data_dir).expanduser().exists()
+    if not data_here:
         click.echo(
             f"warning: data_dir {spec.data_dir} does not exist on this box; the workers must see it there",
             err=True,
         )
+    if spec.center_crop:
+        check_crop_here(spec, data_here)
     if dry_run:
         payload = spec.to_payload()
         if as_json:
