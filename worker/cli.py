@@ -215,6 +215,8 @@ def janitor_command(once, interval, as_json):
             for outcome in janitor.sweep():
                 if as_json:
                     click.echo(json.dumps(outcome.to_dict()))
+                elif outcome.action == "quarantined":
+                    click.echo(f"quarantined job {outcome.job_id}: {outcome.reason}")
                 else:
                     click.echo(
                         f"{outcome.action} {outcome.run_name or outcome.job_id} (job {outcome.job_id}, "

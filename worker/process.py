@@ -47,7 +47,7 @@ from worker.embedded import NO_RETRY
 from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
-from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine
+from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine_unreadable
 from worker.jobs import JobCancelled, JobLost, OutOfMemory
 from worker.logs import LOG_FORMAT, setup_worker_logging
 
@@ -98,8 +98,20 @@ class RunyardWorker(Worker):
         self._redis_warned = False
         self.follow_git = False
         self.restart_requested = False
+        # Whether RQ's loop ended as asked (burst done, max_jobs, idle); RQ also ends it, and
+        # returns normally, on an exception it did not expect: that exit must not look clean.
+        self.loop_done = False
+        self._max_jobs: int | None = None
 
     # Lifecycle -------------------------------------------------------------------------------
+
+    def work(self, *args, max_jobs: int | None = None, **kwargs):
+        self._max_jobs = max_jobs
+        return super().work(*args, max_jobs=max_jobs, **kwargs)
+
+    def ended_unexpectedly(self) -> bool:
+        """Whether RQ's loop quit on its own (an unhandled exception), not as asked."""
+        return not (self.loop_done or self._stop_requested or self.restart_requested or self.redis_lost)
 
     def bootstrap(self, *args, **kwargs):
         # RQ installs its signal handlers only after bootstrapping (and starting its scheduler);
@@ -115,8 +127,12 @@ class RunyardWorker(Worker):
         self.heartbeat_thread.start()
         # Jobs still registered under this name belong to a predecessor that died (names are unique
         # among live workers): requeue them now rather than after a heartbeat TTL.
-        with contextlib.suppress(*REDIS_ERRORS):  # if Redis fails, the janitor thread sweeps soon
+        try:
             requeue_abandoned(self.connection, by=self.name, dead_names=frozenset({self.name}))
+        except REDIS_ERRORS:
+            pass  # the janitor thread sweeps soon
+        except Exception as error:  # a record nobody can read must not stop a worker at start-up
+            log.warning("%s: start-up sweep skipped: %s: %s", self.name, type(error).__name__, error)
         self.janitor = Janitor(threads_connection, self.name, self.heartbeat_thread)
         self.janitor.start()
 
@@ -202,6 +218,9 @@ class RunyardWorker(Worker):
         except StopRequested:  # Ctrl-C or SIGTERM while idle: RQ raises this from its signal handler
             raise
         except Exception as error:  # a record nobody can read must not stop the worker (RQ would quit)
+            if getattr(error, "job_id", None) is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    quarantine_unreadable(self.connection, error)
             log.warning("%s: registry maintenance skipped: %s: %s", self.name, type(error).__name__, error)
             self.last_cleaned_at = now()
 
@@ -228,9 +247,15 @@ class RunyardWorker(Worker):
                 self.gpu.wait_until_free(self.heartbeat)
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except RefusedJob as error:
-                quarantine(self.connection, error)
+            except REDIS_ERRORS:
+                raise
+            except Exception as error:
+                if getattr(error, "job_id", None) is None:  # not about one job's record: a real failure
+                    raise
+                quarantine_unreadable(self.connection, error)
                 continue
+            if result is None:
+                self.loop_done = True  # burst mode found nothing, or max_idle_time passed
             return self._on_latest_code(result)
 
     def _on_latest_code(self, result):
@@ -273,6 +298,8 @@ class RunyardWorker(Worker):
         try:
             super().execute_job(job, queue)
             self.executed_jobs += 1
+            if self._max_jobs is not None and self.executed_jobs >= self._max_jobs:
+                self.loop_done = True
         except REDIS_ERRORS as error:
             if self._execution_id is not None:
                 self.interrupted_job = (job, queue, self._execution_id)
@@ -487,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before RQ took over the signals: nothing to clean up yet
         return 0
     if worker is None:
+        return 1
+    if worker.ended_unexpectedly():
+        # A supervisor's Restart=on-failure must see this; RQ already logged the traceback.
+        log.error("%s stopped unexpectedly (see the error above); exiting with status 1", worker.name)
         return 1
     if worker.restart_requested:
         # The same pid, so the supervising `worker` command keeps waiting on it; the new image
