@@ -18,7 +18,7 @@ from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInt
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
-from worker.heartbeat import REDIS_ERRORS
+from worker.progress import MetaWriter
 from worker.results import record_run
 from worker.search_trial import SearchTrial, open_search_trial
 
@@ -79,14 +79,17 @@ def run_experiment(
     if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
         return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
     try:
-        result = train(
-            experiment,
-            on_epoch=progress.on_epoch,
-            context=context,
-            should_stop=control.should_stop,
-            on_resume=progress.on_resume,
-            resume=job is not None,
-        )
+        try:
+            result = train(
+                experiment,
+                on_epoch=progress.on_epoch,
+                context=context,
+                should_stop=control.should_stop,
+                on_resume=progress.on_resume,
+                resume=job is not None,
+            )
+        finally:
+            progress.close()  # the last epoch's report lands before any write below
     except TrainingInterrupted as stop:
         return _stopped(job, stop, trial)
     except DataError as error:
@@ -173,15 +176,22 @@ class JobProgress:
     """Writes each epoch's report into the RQ job's meta, where `runyard status` reads it.
 
     The meta history is keyed by epoch: a resumed job starts from its checkpoint's history,
-    so the history has no gap and no epoch twice. A Redis outage skips a meta update (the next
-    epoch's write catches up) rather than failing a training run. For a search point it also asks
-    the search's pruner; True stops training after this epoch.
+    so the history has no gap and no epoch twice. Writes go through a MetaWriter thread: a
+    Redis outage of any length costs training no time, and the newest report lands once Redis
+    is back. For a search point it also asks the search's pruner; True stops training after
+    this epoch.
     """
 
     def __init__(self, job: Job | None, trial: SearchTrial | None = None):
         self.job = job
         self.trial = trial
         self.history: list[dict[str, float]] = []
+        self.writer = MetaWriter(job) if job is not None else None
+
+    def close(self) -> None:
+        """Write the last report (waiting a few seconds at most) and stop the writer thread."""
+        if self.writer is not None:
+            self.writer.stop()
 
     def apply_adjustments(self, spec: ExperimentSpec) -> ExperimentSpec:
         """A requeued job keeps the smaller batch an out-of-memory retry settled on."""
@@ -227,10 +237,7 @@ class JobProgress:
         return {"epoch": report.epoch, "train_loss": report.train_loss, "val_f1": report.val_f1}
 
     def _save(self) -> None:
-        try:
-            self.job.save_meta()
-        except REDIS_ERRORS as error:
-            log.warning("job %s: progress not saved, Redis unreachable (%s)", self.job.id, error)
+        self.writer.submit(self.job.meta)
 
 
 def _mark_failure(job: Job | None, reason: str, message: str, retry: bool, trial: SearchTrial | None = None) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import redis
@@ -102,12 +103,16 @@ class RunyardWorker(Worker):
         # returns normally, on an exception it did not expect: that exit must not look clean.
         self.loop_done = False
         self._max_jobs: int | None = None
+        self._burst = False
+        self._scheduler_stopping = False
+        self._scheduler_lock = threading.Lock()
 
     # Lifecycle -------------------------------------------------------------------------------
 
-    def work(self, *args, max_jobs: int | None = None, **kwargs):
+    def work(self, burst: bool = False, *args, max_jobs: int | None = None, **kwargs):
         self._max_jobs = max_jobs
-        return super().work(*args, max_jobs=max_jobs, **kwargs)
+        self._burst = burst
+        return super().work(burst, *args, max_jobs=max_jobs, **kwargs)
 
     def ended_unexpectedly(self) -> bool:
         """Whether RQ's loop quit on its own (an unhandled exception), not as asked."""
@@ -122,7 +127,9 @@ class RunyardWorker(Worker):
         # No retries here: a failed beat must be noticed at once (the janitor then holds off for a
         # TTL, see worker.janitor) and the next beat is only seconds away anyway.
         threads_connection = separate_client(self.connection, THREAD_SOCKET_TIMEOUT_S, NO_RETRY)
-        self.heartbeat_thread = Heartbeat(threads_connection, self.name, self._heartbeat_details)
+        self.heartbeat_thread = Heartbeat(
+            threads_connection, self.name, self._heartbeat_details, after_beat=self._keep_scheduler_alive
+        )
         self.heartbeat_thread.beat()
         self.heartbeat_thread.start()
         # Jobs still registered under this name belong to a predecessor that died (names are unique
@@ -146,7 +153,38 @@ class RunyardWorker(Worker):
         self._shutdown_requested_date = now()
         self._stop_requested = True
 
+    def _keep_scheduler_alive(self) -> None:
+        """Restart RQ's scheduler process when it died (a Redis outage ends its loop with an error).
+
+        RQ itself only notices at its registry maintenance, every 10 minutes and never while a
+        job runs; this runs on the heartbeat thread's cadence. Relies on RQScheduler._process
+        (rq 3, see the pin in pyproject.toml).
+        """
+        scheduler = self.scheduler
+        if scheduler is None or self._burst or self._scheduler_stopping or self._stop_requested:
+            return
+        process = scheduler._process
+        if process is None or process.is_alive():
+            return  # another worker's scheduler holds the locks, or ours is running
+        log.warning(
+            "%s: RQ's scheduler (pid %s) died with exit code %s; restarting it",
+            self.name,
+            process.pid,
+            process.exitcode,
+        )
+        with self._scheduler_lock:
+            if self._scheduler_stopping:
+                return
+            scheduler._process = None
+            try:
+                scheduler.acquire_locks(auto_start=True)
+            except REDIS_ERRORS as error:
+                scheduler._process = process  # try again at the next beat
+                log.warning("%s: scheduler not restarted yet: Redis unreachable (%s)", self.name, error)
+
     def stop_scheduler(self):
+        with self._scheduler_lock:
+            self._scheduler_stopping = True
         # RQ joins its scheduler process without a time limit; a scheduler that missed its stop
         # would keep this worker from exiting. It holds nothing worth waiting for (its locks
         # expire), so after a grace period it is killed.
