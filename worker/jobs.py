@@ -5,6 +5,7 @@ Torch is imported inside the functions, in RQ's work horse, never in the worker'
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -15,6 +16,7 @@ from rq import Retry, get_current_job
 from rq.job import Job
 
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
+from trainer.paths import runs_root
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
@@ -27,7 +29,18 @@ AGGREGATE_FOLDS = "worker.jobs.aggregate_folds"
 ENTRY_POINTS = frozenset({RUN_EXPERIMENT, AGGREGATE_FOLDS})
 CALLBACKS: frozenset[str] = frozenset()
 
-FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error", "fold_failed")
+FAILURE_REASONS = (
+    "spec_error",
+    "data_error",
+    "storage_error",
+    "oom",
+    "crashed",
+    "cancelled",
+    "code_error",
+    "fold_failed",
+)
+# A run's files cannot be written: retrying on the same box fails the same way until someone acts.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 # A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
 # failure, so the bound only stops a job that is shut down over and over from looping forever.
@@ -46,6 +59,27 @@ class JobLost(RuntimeError):
 
 class OutOfMemory(RuntimeError):
     """CUDA ran out of memory even at the spec's min_batch_size."""
+
+
+class StorageFailure(RuntimeError):
+    """The run's directory or a checkpoint cannot be written (disk full, read-only, no permission)."""
+
+
+def storage_problem(error: BaseException, run_root: str) -> str | None:
+    """One line naming the errno and the path when `error` (or its cause) is a storage failure."""
+    for _depth in range(8):  # the error, its cause, their causes
+        if error is None:
+            break
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            name = errno.errorcode.get(error.errno, str(error.errno))
+            where = error.filename or f"a file under {run_root}"
+            hint = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+            return (
+                f"{name} ({error.strerror}) writing {where}: {hint} on this worker's box (or set output_dir), "
+                "then publish the run again"
+            )
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run_experiment(
@@ -100,6 +134,10 @@ def run_experiment(
             message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
             _mark_failure(job, "oom", message, retry=False, trial=trial)
             raise OutOfMemory(str(error)) from error
+        problem = storage_problem(error, str(runs_root(experiment.output_dir)))
+        if problem is not None:
+            _mark_failure(job, "storage_error", problem, retry=False, trial=trial)
+            raise StorageFailure(problem) from error
         _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
         raise
     if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports

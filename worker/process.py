@@ -49,7 +49,7 @@ from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine_unreadable
-from worker.jobs import JobCancelled, JobLost, OutOfMemory
+from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
 from worker.logs import LOG_FORMAT, setup_worker_logging
 
 __all__ = ["LOG_FORMAT", "RunyardWorker", "main", "unique_worker_name"]
@@ -65,7 +65,7 @@ SCHEDULER_STOP_GRACE_S = 10
 PATIENT_RETRY = Retry(ExponentialBackoff(cap=8, base=0.5), retries=7)
 
 # Failures whose message is the whole story (see handle_exception).
-EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, JobCancelled, JobLost, OutOfMemory)
+EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, StorageFailure, JobCancelled, JobLost, OutOfMemory)
 
 log = logging.getLogger("runyard.worker")
 
