@@ -25,6 +25,8 @@ from redis.retry import Retry
 
 PREFIX = "runyard"
 WORKERS_KEY = f"{PREFIX}:workers"
+# A field runyard workers add to RQ's own worker hash: judge this one by its runyard heartbeat.
+RUNYARD_MARK = "runyard_heartbeat"
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 log = logging.getLogger("runyard.heartbeat")

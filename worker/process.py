@@ -46,7 +46,7 @@ from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
 from worker.embedded import NO_RETRY
 from worker.gpu import GpuCheck
-from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
+from worker.heartbeat import REDIS_ERRORS, RUNYARD_MARK, Heartbeat, heartbeat_key, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine_unreadable
 from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
@@ -142,6 +142,10 @@ class RunyardWorker(Worker):
             log.warning("%s: start-up sweep skipped: %s: %s", self.name, type(error).__name__, error)
         self.janitor = Janitor(threads_connection, self.name, self.heartbeat_thread)
         self.janitor.start()
+
+    def register_birth(self):
+        super().register_birth()
+        self.connection.hset(self.key, RUNYARD_MARK, heartbeat_key(self.name))
 
     def _stop_before_work(self, signum, frame):
         if os.getpid() != self.pid and self.scheduler is not None:
@@ -583,7 +587,15 @@ def _serve(args: argparse.Namespace) -> RunyardWorker | None:
     # Import torch, timm and the trainer once, here: every forked work horse then starts training
     # at once instead of spending seconds on the same imports. Importing initialises no CUDA; only
     # the horse ever touches the GPU.
-    import trainer.train  # noqa: F401
+    try:
+        import trainer.train  # noqa: F401
+    except ModuleNotFoundError as error:  # a publishing-only install: no torch, torchvision or timm
+        print(
+            f"worker: {error}: this box has runyard's publishing side only; install the training side "
+            "with pip install 'runyard[train]'",
+            file=sys.stderr,
+        )
+        return None
 
     queue_names = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
     jobs_left = args.max_jobs
