@@ -2,8 +2,9 @@
 
 Anyone with Redis access can leave a record RQ cannot read: a teammate saving meta through plain
 RQ (pickle), garbage bytes, a key of the wrong Redis type, a hash missing fields. One module
-fixture sets all of them up at once, then runs `runyard janitor --once` and one real worker
-process (`--burst`, under the name of the dead worker that left some of them started). Each bad
+fixture sets all of them up at once, then runs `runyard janitor --once` and `worker --cpu
+--workers 2 --burst`: two real worker processes racing for the bad records, the first under the
+name of the dead worker that left some of them started. Each bad
 record must be moved aside under runyard:refused:<job> with its reason and listed by `runyard
 status`; the good jobs, including those abandoned next to the bad ones, must still finish.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -29,7 +29,7 @@ from worker.job import REFUSED_KEY, refused_records
 from worker.jobs import RUN_EXPERIMENT
 from worker.process import RunyardWorker
 
-RESTARTED = "box1-gpu0"  # died with jobs started; restarted under the same name
+RESTARTED = "box1-cpu0"  # died with jobs started; restarted under the same name (with box1-cpu1 beside it)
 OTHER_BOX = "box2-gpu0"  # died too; `runyard janitor` sweeps its jobs
 
 
@@ -125,13 +125,7 @@ def swept(redis_server, demo_data, tmp_path_factory) -> Swept:
 
     queued = {label: poison(label, damage) for label, (damage, _) in QUEUED.items()}
     good.append(publish_experiment(connection, spec, context={}))
-    worker = subprocess.run(
-        [sys.executable, "-m", "worker.process", "--name", RESTARTED, "--burst"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    worker = run_cli("worker", "--cpu", "--workers", "2", "--name", "box1", "--burst", env=env, timeout=300)
     status = run_cli("runyard", "status", "--json", env=env)
     status_text = run_cli("runyard", "status", env=env | {"COLUMNS": "200"})
     for job in good:
@@ -191,7 +185,8 @@ def test_runyard_janitor_never_tracebacks_and_still_requeues_the_good_job(swept)
 
 def test_the_worker_survives_every_bad_record_and_finishes_every_good_job(swept):
     output = swept.worker.stdout + swept.worker.stderr
-    assert swept.worker.returncode == 0, output[-3000:]
+    assert swept.worker.returncode == 0, output[-3000:]  # the worst of both processes' exit codes
+    assert "box1-cpu0 listening" in output and "box1-cpu1 listening" in output
     assert "Traceback" not in output and "unhandled exception" not in output
     assert [job.get_status() for job in swept.good] == [JobStatus.FINISHED] * 3, output[-3000:]
 
