@@ -111,6 +111,7 @@ def run_experiment(
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
     if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
+        progress.close()
         return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
     try:
         try:
