@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 FailureReason = Literal[
     "spec_error",  # the payload or its spec is invalid: no retry can fix it
     "data_error",  # the data dir is missing or broken
+    "storage_error",  # the run's files cannot be written (disk full, read-only, no permission)
     "oom",  # CUDA out of memory even at min_batch_size
     "crashed",  # its worker died more often than max_requeues allows
     "cancelled",  # `runyard cancel`

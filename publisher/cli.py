@@ -230,6 +230,9 @@ def status_command(as_json, search):
     for column in ("queue", "queued", "running", "finished", "failed"):
         queues.add_column(column, justify="left" if column == "queue" else "right")
     for row in status["queues"]:
+        if "error" in row:
+            queues.add_row(row["name"], f"unreadable: {row['error']}", "-", "-", "-")
+            continue
         queues.add_row(row["name"], str(row["queued"]), str(row["started"]), str(row["finished"]), str(row["failed"]))
     out.print(queues if status["queues"] else "no queues yet: publish something with `publish`")
 
@@ -255,6 +258,13 @@ def status_command(as_json, search):
         for row in status["failed"]:
             failed.add_row(row["run_name"] or "-", row["job_id"], row["failure_reason"] or "-", row["error"] or "-")
         out.print(failed)
+    if status.get("quarantined"):
+        quarantined = Table(title="quarantined: job records no worker can read (kept under runyard:refused:<job>)")
+        for column in ("job", "queue", "reason"):
+            quarantined.add_column(column, overflow="fold")
+        for row in status["quarantined"]:
+            quarantined.add_row(row["job_id"], row.get("queue") or "-", row["reason"])
+        out.print(quarantined)
     if status.get("code_differs"):
         differs = Table(title="runs on other code than published (git)")
         for column in ("run", "worker", "code"):

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rq.job import Job, JobStatus
 
@@ -128,6 +129,10 @@ def run_demo(epochs: int, data_dir: Path | None, as_json: bool) -> dict[str, Any
         out.print(leaderboard_table(finished, title="demo leaderboard"))
     for name in summary["failed"]:
         out.print(f"[red]{name} did not finish; see `runyard status` and {log_path}")
+    if summary["failed"] and worker.returncode:
+        why = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("worker: ")]
+        summary["worker_error"] = why[-1] if why else f"the worker exited with status {worker.returncode}"
+        out.print(f"[red]{escape(summary['worker_error'])}", soft_wrap=True)
     out.print(
         f"demo finished in {summary['wall_seconds']:.0f} s. Next: `runyard status`, `runyard leaderboard`, "
         f"the run dirs under {home / 'runs'}; `runyard redis stop` stops the embedded Redis."

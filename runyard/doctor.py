@@ -32,6 +32,7 @@ from publisher.cli import CONTEXT, console
 from trainer.spec import DATASETS, ExperimentSpec
 from trainer.tracking import wandb_mode
 from worker.connection import RedisUnavailable, connect, embedded_server, mask_url, redis_url
+from worker.heartbeat import RUNYARD_MARK, is_alive, known_workers
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
@@ -91,29 +92,48 @@ def check_persistence(connection: redis.Redis) -> Check:
 
 
 def check_workers(connection: redis.Redis) -> Check:
-    """Registered workers grouped by box, with how many are busy."""
+    """Registered workers grouped by box, with how many are busy; a runyard worker without a heartbeat is dead.
+
+    RQ keeps a killed worker's registration for minutes, with a heartbeat it refreshes only every
+    few minutes when idle: runyard's own heartbeat (worker.heartbeat, a 15 s TTL) decides.
+    """
     boxes: dict[str, Counter] = defaultdict(Counter)
     heartbeat_age: dict[str, float] = {}
+    dead: list[str] = []
+    ours = known_workers(connection)
     now = time.time()
     for worker in Worker.all(connection=connection, serializer=JSONSerializer):
         host = worker.hostname or "?"
+        age = now - worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
+        runyard_worker = worker.name in ours or connection.hexists(worker.key, RUNYARD_MARK)
+        if runyard_worker and not is_alive(connection, worker.name):
+            dead.append(f"{worker.name} ({f'last heartbeat {age:.0f}s ago' if age is not None else 'no heartbeat'})")
+            continue
         boxes[host][str(worker.get_state())] += 1
-        if worker.last_heartbeat:
-            age = now - worker.last_heartbeat.timestamp()
+        if age is not None:
             heartbeat_age[host] = max(heartbeat_age.get(host, 0.0), age)
+    gone = (
+        f"{len(dead)} dead (registered, but no runyard heartbeat): {', '.join(dead)}; their jobs are requeued "
+        "by any worker's janitor, or by `runyard janitor --once`"
+        if dead
+        else ""
+    )
     if not boxes:
         return Check(
             "workers",
             WARN,
-            "no workers registered: start one on each GPU box with `worker --gpus all` (or `worker --cpu`)",
+            f"{'no live workers' if dead else 'no workers registered'}: start one on each GPU box with "
+            "`worker --gpus all` (or `worker --cpu`)" + (f"; {gone}" if gone else ""),
+            {"dead": dead},
         )
     parts = []
     for host, states in sorted(boxes.items()):
         counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
         parts.append(f"{host}: {sum(states.values())} ({counts}; last heartbeat {heartbeat_age.get(host, 0):.0f}s ago)")
     total = sum(sum(states.values()) for states in boxes.values())
-    data = {"boxes": {host: dict(states) for host, states in boxes.items()}}
-    return Check("workers", OK, f"{total} alive on {len(boxes)} box(es): " + "; ".join(parts), data)
+    data = {"boxes": {host: dict(states) for host, states in boxes.items()}, "dead": dead}
+    message = f"{total} alive on {len(boxes)} box(es): " + "; ".join(parts)
+    return Check("workers", WARN if dead else OK, message + (f"; {gone}" if gone else ""), data)
 
 
 def check_gpus() -> Check:

@@ -79,8 +79,17 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file, then rename: a reader never sees half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        # Through a file object, a full disk is OSError(ENOSPC) naming nothing worse than the
+        # errno; given a path, torch reports it as `inline_container.cc:672 unexpected pos`.
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)  # a partial file only takes the space a retry needs
+        if error.filename is None:
+            error.filename = str(temporary)
+        raise
 
 
 def format_eta(seconds: float) -> str:
