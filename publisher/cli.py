@@ -18,7 +18,7 @@ from rich.table import Table
 
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
-from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
+from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_context, publish_experiment, rq_queue_name
 from publisher.search_status import (
     collect_search_status,
     search_leaderboard,
@@ -29,6 +29,7 @@ from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
 from worker.janitor import DEFAULT_MAX_REQUEUES
+from worker.quotas import QuotaError
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -88,8 +89,12 @@ def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec
     show_default=True,
     help="Times the job is requeued after its worker died before it fails as `crashed`.",
 )
+@click.option(
+    "--owner", metavar="USER", help="Who the job belongs to for fair share and quotas [RUNYARD_USER, else you]."
+)
+@click.option("--no-preempt", "no_preempt", is_flag=True, help="A `high` job may not stop this one to take its GPU.")
 @spec_options
-def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **parameters):
+def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, owner, no_preempt, **parameters):
     """Validate one experiment spec and put it on the Redis queue.
 
     Every spec field is an option; a --config YAML file gives the base and options override it.
@@ -118,13 +123,31 @@ def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **
             click.echo(yaml.safe_dump(payload, sort_keys=False).rstrip())
             click.echo(f"# spec hash {spec.spec_hash()}; dry run: nothing enqueued", err=True)
         return
+    try:
+        context = publish_context(owner)
+    except QuotaError as error:
+        fail(f"--owner / RUNYARD_USER: {error}")
     connection = connect_or_fail()
-    job = publish_experiment(connection, spec, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
+    job = publish_experiment(
+        connection,
+        spec,
+        context=context,
+        retries=retries,
+        timeout_s=timeout_s,
+        max_requeues=max_requeues,
+        preemptible=not no_preempt,
+    )
     run_name = job.meta["run_name"]
     if as_json:
         click.echo(
             json.dumps(
-                {"job_id": job.id, "run_name": run_name, "queue": job.origin, "spec_hash": spec.spec_hash()},
+                {
+                    "job_id": job.id,
+                    "run_name": run_name,
+                    "queue": job.origin,
+                    "spec_hash": spec.spec_hash(),
+                    "owner": job.meta["owner"],
+                },
                 indent=2,
             )
         )

@@ -31,6 +31,7 @@ from publisher.queue import (
 )
 from schedule_search.points import Point
 from schedule_search.search import Search
+from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
 from worker.results import PREFIX, RUN_NAMES_KEY, get_search, search_key, search_points_key
 
@@ -236,6 +237,7 @@ def _enqueue(
             "point": point.id,
             "kind": point.kind,
             "params": point.params,
+            "owner": job_owner(context),  # a search's points, folds and aggregates are its publisher's
         }
         common = {
             "timeout": timeout_s,
