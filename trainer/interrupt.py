@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 SHUTDOWN = "shutdown"  # the worker is going down: keep the checkpoint, run the rest later
 CANCELLED = "cancelled"  # a user cancelled the run
+PREEMPTED = "preempted"  # a `high` job needs this GPU: keep the checkpoint, run the rest later
 LOST = "lost"  # this process no longer owns the job (it was requeued elsewhere): stop quietly
 
 
