@@ -25,6 +25,7 @@ from publisher.search_status import (
     search_leaderboard_table,
     search_status_table,
 )
+from publisher.sharing import preempted_table, print_owner_status, queued_table
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
@@ -176,10 +177,17 @@ def _eta(seconds: float | None) -> str:
 @click.command("status", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--search", "search", metavar="NAME", help="Only this search: each point's state, epoch and metric.")
-def status_command(as_json, search):
-    """Queues, running jobs with their epoch and F1, failed jobs with the reason, workers."""
+@click.option("--owners", is_flag=True, help="Per owner: running, queued, GPU hours in the window, share, quota.")
+@click.option(
+    "--window", "window_h", type=click.FloatRange(min=0.01), default=24, show_default=True, help="Hours for --owners."
+)
+def status_command(as_json, search, owners, window_h):
+    """Queues, running and queued jobs (with why they wait), failed jobs with the reason, workers."""
     if search:
         _search_status(search, as_json)
+        return
+    if owners:
+        print_owner_status(connect_or_fail(), window_h * 3600, as_json, console())
         return
     status = collect_status(connect_or_fail())
     if as_json:
@@ -208,6 +216,10 @@ def status_command(as_json, search):
                 _eta(row["eta_seconds"]),
             )
         out.print(running)
+    if status["queued"]:
+        out.print(queued_table(status["queued"]))
+    if status["preempted"]:
+        out.print(preempted_table(status["preempted"]))
     if status["failed"]:
         failed = Table(title="failed and cancelled")
         for column in ("run", "job", "reason", "error"):

@@ -9,6 +9,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from publisher.sharing import wait_reasons
 from worker.results import leaderboard
 
 LISTED_PER_STATE = 20
@@ -45,6 +46,9 @@ def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
         "failure_reason": meta.get("failure_reason"),
         "failure_message": meta.get("failure_message"),
         "requeues": meta.get("requeues", 0),
+        "owner": meta.get("owner"),
+        "preempted_by": meta.get("preempted_by"),
+        "preemptions": len(meta.get("preemptions") or []),
     }
 
 
@@ -102,6 +106,9 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
             row["failure_reason"] = row["failure_reason"] or "cancelled"
             row["error"] = row["failure_message"] or "cancelled"
             failed.append(row)
+    reasons = wait_reasons(connection)
+    for row in queued:
+        row["wait_reason"] = reasons.get(row["job_id"])
     workers = []
     for worker in Worker.all(connection=connection, serializer=JSONSerializer):
         workers.append(
@@ -120,6 +127,7 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
         "failed": failed,
         "workers": workers,
         "finished": leaderboard(connection, limit=5),
+        "preempted": [row for row in running + queued if row["preemptions"]],
         "code_differs": [row for row in running + finished if row.get("code", {}).get("differs")],
         "wandb_offline": [
             {"run_name": row["run_name"], "sync": row["wandb"]["sync"]}

@@ -34,6 +34,7 @@ from worker.quotas import QUOTA_KEY
 USAGE_KEY = "runyard:fairshare:usage"  # hash owner -> decayed GPU seconds, as of USAGE_AT_KEY
 USAGE_AT_KEY = "runyard:fairshare:usage_at"  # hash owner -> when its usage was last decayed
 RUNNING_KEY = "runyard:fairshare:running"  # hash job id -> "<owner>\t<time of its last charge>"
+HOURLY_KEY = "runyard:fairshare:hourly"  # hash "<owner>\t<hour since the epoch>" -> GPU seconds (undecayed)
 OWNER_FIELD = "runyard_owner"  # a field on RQ's job hash rq:job:<id>: the job's owner, cached
 NOBODY = ""  # the owner of a job enqueued without one (by plain RQ, or before owners existed)
 
@@ -138,18 +139,21 @@ return false
 """
 )
 
-# KEYS: usage, usage_at, running. ARGV: job id, half-life s, 1 when the job ended (0: still runs).
+# KEYS: usage, usage_at, running, hourly. ARGV: job id, half-life s, 1 when the job ended (0: still runs).
 # Charges the job's owner the time since its entry's last charge; returns the seconds charged.
 CHARGE_LUA = (
     _DECAY_LUA
     + """
-local usage_key, usage_at_key, running_key = KEYS[1], KEYS[2], KEYS[3]
+local usage_key, usage_at_key, running_key, hourly_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local entry = redis.call('HGET', running_key, ARGV[1])
 if not entry then return '0' end
 local owner, last = string.match(entry, '^(.*)\\t([%d%.e%+%-]+)$')
 local now = clock()
 local held = math.max(0, now - tonumber(last or now))
 charge(usage_key, usage_at_key, owner or '', now, tonumber(ARGV[2]), held)
+if held > 0 then
+  redis.call('HINCRBYFLOAT', hourly_key, (owner or '') .. '\t' .. tostring(math.floor(now / 3600)), held)
+end
 if ARGV[3] == '1' then
   redis.call('HDEL', running_key, ARGV[1])
 else
@@ -204,7 +208,7 @@ def take_job_id(
 
 def charge_gpu_time(connection: redis.Redis, job_id: str, ended: bool) -> float:
     """Charge the owner of a running (or just ended) job for the GPU time since its last charge."""
-    keys = [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY]
+    keys = [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, HOURLY_KEY]
     return float(connection.eval(CHARGE_LUA, len(keys), *keys, job_id, half_life_s(), 1 if ended else 0))
 
 
@@ -221,6 +225,17 @@ def decayed_usage(connection: redis.Redis, half_life: float | None = None) -> di
     for owner, last in running_entries(connection).values():
         decayed[owner] = decayed.get(owner, 0.0) + max(0.0, now - last)
     return decayed
+
+
+def gpu_seconds_since(connection: redis.Redis, since: float) -> dict[str, float]:
+    """Every owner's charged GPU seconds in the hours from `since` (whole hours) to now."""
+    first_hour = int(since // 3600)
+    totals: dict[str, float] = {}
+    for field, seconds in connection.hgetall(HOURLY_KEY).items():
+        owner, _, hour = as_text(field).rpartition("\t")
+        if hour.isdigit() and int(hour) >= first_hour:
+            totals[owner] = totals.get(owner, 0.0) + float(seconds)
+    return totals
 
 
 def running_entries(connection: redis.Redis) -> dict[str, tuple[str, float]]:
