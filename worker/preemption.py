@@ -213,12 +213,15 @@ class Preemptor(threading.Thread):
 def record_preemption(job: Job, after_epoch: int) -> None:
     """In the preempted job's horse: note who took its GPU in its meta and drop the request."""
     request = preemption_request(job.connection, job.id) or {}
+    started = job.started_at.timestamp() if job.started_at else time.time()
+    redone_s = time.time() - max(float(job.meta.get("checkpoint_at") or 0), started)
     entry = {
         "by": request.get("by"),
         "queue": request.get("queue"),
         "at": time.time(),
         "after_epoch": after_epoch,
         "worker": job.worker_name,
+        "work_lost_s": round(redone_s, 1),  # trained since the checkpoint it resumes from: re-done
     }
     job.meta["preempted_by"] = request.get("by")
     job.meta["preempted_after_epoch"] = after_epoch
