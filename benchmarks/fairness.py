@@ -206,6 +206,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
         "jain": round(jain(shares), 3),
         "high_start_latency_s": round(sampler.first_start[high.id] - high_at, 1),
         "preemptions": len(redone),
+        # Of the high job's latency: until a Preemptor asked, then until the victim had stopped.
+        "asked_after_s": [round(e["requested_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
+        "stopped_after_s": [round(e["at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
         "work_redone_s": [round(value, 1) for value in redone if value is not None],
         "median_epoch_s": round(statistics.median([s for s in epoch_s if s]), 1) if epoch_s else None,
         "jobs": len(sampler.jobs),

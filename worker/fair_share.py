@@ -68,6 +68,11 @@ local function clock()
 end
 """
 
+# rq internals this script relies on (rq 3.0): a queue is a Redis list of job ids, taken from the
+# left (RQ's LPOP); a job is the hash Job.redis_job_namespace_prefix + id, whose `status` field is
+# RQ's JobStatus and whose `meta` field is the JSON serializer's output (JSONSerializer, so Lua's
+# cjson can read the owner). Removing the id from the list is what RQ's own pop does; the worker
+# then registers the job (StartedJobRegistry, execution) as after any dequeue.
 # KEYS: the worker's queue keys in priority order, then usage, usage_at, running, quota.
 # ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s.
 # Returns {index of the queue (1-based), job id} or false when no job may be taken.

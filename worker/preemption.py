@@ -36,12 +36,16 @@ from worker.quotas import QUOTA_KEY
 
 # Redis keys of this module (to move into the contracts module's key table).
 PREEMPT_PREFIX = "runyard:preempt:"  # + job id: the request that job stop (JSON: by, at, queue)
+PREEMPT_FOR_PREFIX = "runyard:preempt-for:"  # + high job id: a job was already stopped for it
 PREEMPT_LOCK_KEY = "runyard:preempt-lock"  # one deciding Preemptor at a time
 PREEMPT_OFF_KEY = "runyard:preempt-off"  # set of queue names whose jobs are never preempted
 
-CHECK_INTERVAL_S = 2.0
+CHECK_INTERVAL_S = 1.0
 LOCK_TTL_MS = 5000
 REQUEST_TTL_S = 600  # a request its job never read (it ended first) lapses
+# Once a job stopped for it, a high job waits this long for the freed worker before another is
+# stopped: between the victim's requeue and its worker's next take no worker looks idle.
+PREEMPTED_FOR_TTL_S = 60
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
 
@@ -150,12 +154,13 @@ def preempt_for(connection: redis.Redis, high_queue: str) -> str | None:
     workers = [worker for worker in Worker.all(connection=connection) if high_queue in worker.queue_names()]
     if any(worker.get_state() == "idle" for worker in workers):
         return None  # that worker takes it
-    pending = set()
-    for key in connection.scan_iter(match=f"{PREEMPT_PREFIX}*", count=500):
-        raw = connection.get(key)
-        if raw:
-            pending.add(json.loads(raw).get("by"))
-    waiting = [job_id for job_id in queued if job_id not in pending and _owner_has_room(connection, job_id)]
+    with connection.pipeline(transaction=False) as pipeline:
+        for job_id in queued:
+            pipeline.exists(f"{PREEMPT_FOR_PREFIX}{job_id}")
+        served = pipeline.execute()
+    waiting = [
+        job_id for job_id, done in zip(queued, served, strict=True) if not done and _owner_has_room(connection, job_id)
+    ]
     if not waiting:
         return None
     candidates = preemption_candidates(connection, high_queue, workers)
@@ -165,6 +170,7 @@ def preempt_for(connection: redis.Redis, high_queue: str) -> str | None:
     request = {"by": waiting[0], "queue": high_queue, "at": time.time(), "work_lost_s": round(victim.work_lost_s, 1)}
     if not connection.set(preempt_key(victim.job_id), json.dumps(request), nx=True, ex=REQUEST_TTL_S):
         return None
+    connection.set(f"{PREEMPT_FOR_PREFIX}{waiting[0]}", victim.job_id, ex=PREEMPTED_FOR_TTL_S)
     log.info(
         "preempting job %s on %s (%s, %.0f s since its checkpoint) for %s job %s",
         victim.job_id,
@@ -218,6 +224,7 @@ def record_preemption(job: Job, after_epoch: int) -> None:
     entry = {
         "by": request.get("by"),
         "queue": request.get("queue"),
+        "requested_at": request.get("at"),
         "at": time.time(),
         "after_epoch": after_epoch,
         "worker": job.worker_name,
