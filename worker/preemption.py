@@ -191,10 +191,10 @@ class Preemptor(threading.Thread):
         self.connection = connection
         self.worker_name = worker_name
         self.high_queues = [name for name in queue_names if queue_priority(name)[1] == "high"]
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while self.high_queues and not self._stop.wait(CHECK_INTERVAL_S):
+        while self.high_queues and not self._stopping.wait(CHECK_INTERVAL_S):
             try:
                 self.check()
             except REDIS_ERRORS:
@@ -213,7 +213,7 @@ class Preemptor(threading.Thread):
                 self.connection.delete(PREEMPT_LOCK_KEY)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 def record_preemption(job: Job, after_epoch: int) -> None:
