@@ -42,6 +42,8 @@ def cluster(redis_url, tmp_path):
         if process.poll() is None:
             kill_worker(process.pid)
             process.wait(10)
+    for name in workers:
+        assert "Traceback" not in (tmp_path / f"{name}.log").read_text(), f"{name} logged a traceback"
 
 
 def publish(connection: redis.Redis, demo_data: Path, owner: str, preemptible: bool = True, **spec) -> Job:
