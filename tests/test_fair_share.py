@@ -13,12 +13,15 @@ import time
 
 import pytest
 import redis
+from rq.exceptions import DequeueTimeout
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from worker.fair_share import (
     RUNNING_KEY,
     USAGE_AT_KEY,
     USAGE_KEY,
+    FairShareQueue,
     charge_gpu_time,
     decayed_usage,
     half_life_s,
@@ -158,3 +161,30 @@ def test_four_concurrent_takers_never_take_one_job_twice(redis_url):
             thread.join(30)
         assert len(taken) == len(set(taken)) == len(ids), f"round {round_number}"
         assert connection.llen(QUEUE) == 0
+
+
+def test_a_waiting_worker_blocks_until_a_job_arrives_and_takes_it(connection):
+    queue = FairShareQueue("default", connection=connection, serializer=JSONSerializer)
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append(FairShareQueue.dequeue_any([queue], 10, connection, serializer=JSONSerializer))
+    )
+    waiter.start()
+    time.sleep(0.3)  # the worker is blocked in BLPOP on an empty queue
+    job = queue.enqueue_call("worker.jobs.run_experiment", kwargs={"spec": {}}, meta={"owner": "alice"})
+    waiter.join(10)
+    [(taken, taken_from)] = got
+    assert taken.id == job.id and taken_from.name == "default"
+    assert running_entries(connection)[job.id][0] == "alice"
+
+
+def test_a_job_that_arrives_for_an_owner_at_quota_stays_queued(connection):
+    set_quota(connection, "alice", 0)
+    queue = FairShareQueue("default", connection=connection, serializer=JSONSerializer)
+    threading.Timer(
+        0.3, lambda: queue.enqueue_call("worker.jobs.run_experiment", kwargs={"spec": {}}, meta={"owner": "alice"})
+    ).start()
+    with pytest.raises(DequeueTimeout):
+        FairShareQueue.dequeue_any([queue], 2, connection, serializer=JSONSerializer)
+    assert queue.count == 1  # popped by the wait, put back by the take, still listed
+    assert not running_entries(connection)

@@ -41,7 +41,8 @@ NOBODY = ""  # the owner of a job enqueued without one (by plain RQ, or before o
 HALF_LIFE_ENV = "RUNYARD_FAIRSHARE_HALF_LIFE"
 DEFAULT_HALF_LIFE_S = 24 * 3600
 SCHEDULING_ENV = "RUNYARD_SCHEDULING"  # fairshare (default) | fifo
-# How often a waiting worker asks again: a Lua take cannot block the way RQ's BLPOP does.
+# How often a worker asks again while every queued job waits for its owner's quota (with all
+# queues empty it blocks in BLPOP instead, as RQ does).
 POLL_INTERVAL_S = 0.5
 # A running entry not charged for this long belongs to a worker that died; its job is not counted.
 STALE_RUNNING_S = 300
@@ -74,8 +75,9 @@ end
 # cjson can read the owner). Removing the id from the list is what RQ's own pop does; the worker
 # then registers the job (StartedJobRegistry, execution) as after any dequeue.
 # KEYS: the worker's queue keys in priority order, then usage, usage_at, running, quota.
-# ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s.
-# Returns {index of the queue (1-based), job id} or false when no job may be taken.
+# ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s, and optionally
+# the (1-based) queue index and id of a job the caller popped with BLPOP, put back first.
+# Returns {index of the queue (1-based), job id}, or {0, jobs queued} when no job may be taken.
 TAKE_LUA = (
     _DECAY_LUA
     + """
@@ -84,6 +86,7 @@ local usage_key, usage_at_key, running_key, quota_key = KEYS[nq + 1], KEYS[nq + 
 local half_life, prefix = tonumber(ARGV[2]), ARGV[3]
 local stale, requeued_after = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = clock()
+if ARGV[6] and ARGV[6] ~= '0' then redis.call('LPUSH', KEYS[tonumber(ARGV[6])], ARGV[7]) end
 
 -- Who runs what now, dropping entries of jobs that no longer run.
 local running, uncharged = {}, {}
@@ -140,7 +143,9 @@ for q = 1, nq do
     return {q, best_id}
   end
 end
-return false
+local queued = 0
+for q = 1, nq do queued = queued + redis.call('LLEN', KEYS[q]) end
+return {0, queued}
 """
 )
 
@@ -200,15 +205,30 @@ def fair_share_enabled() -> bool:
 
 
 def take_job_id(
-    connection: redis.Redis, queue_keys: list[str], half_life: float | None = None
+    connection: redis.Redis,
+    queue_keys: list[str],
+    half_life: float | None = None,
+    popped: tuple[int, str] | None = None,
 ) -> tuple[int, str] | None:
-    """Atomically pick and remove the fair-share choice from `queue_keys`: (queue index, job id)."""
+    """Atomically pick and remove the fair-share choice from `queue_keys`: (queue index, job id).
+
+    `popped` (queue index, job id) is a job the caller took off a queue by BLPOP: it goes back
+    first, in the same atomic step, and competes like any other.
+    """
+    return _take(connection, queue_keys, half_life, popped)[0]
+
+
+def _take(
+    connection: redis.Redis, queue_keys: list[str], half_life: float | None, popped: tuple[int, str] | None
+) -> tuple[tuple[int, str] | None, int]:
+    """The take, and how many jobs stay queued when it took none."""
     keys = [*queue_keys, USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY]
     args = [len(queue_keys), half_life or half_life_s(), Job.redis_job_namespace_prefix, STALE_RUNNING_S]
-    result = connection.eval(TAKE_LUA, len(keys), *keys, *args, REQUEUED_AFTER_S)
-    if not result:
-        return None
-    return int(result[0]) - 1, as_text(result[1])
+    args += [REQUEUED_AFTER_S, *((popped[0] + 1, popped[1]) if popped else (0, ""))]
+    index, value = connection.eval(TAKE_LUA, len(keys), *keys, *args)
+    if int(index) == 0:
+        return None, int(value)
+    return (int(index) - 1, as_text(value)), 0
 
 
 def charge_gpu_time(connection: redis.Redis, job_id: str, ended: bool) -> float:
@@ -275,8 +295,11 @@ class FairShareQueue(Queue):
             return super().dequeue_any(queues, timeout, connection, job_class, serializer, death_penalty_class)
         half_life = half_life_s()
         deadline = None if timeout is None else time.monotonic() + timeout
+        keys = [queue.key for queue in queues]
+        popped = None
         while True:
-            taken = take_job_id(connection, [queue.key for queue in queues], half_life)
+            taken, still_queued = _take(connection, keys, half_life, popped)
+            popped = None
             if taken is not None:
                 index, job_id = taken
                 # rq internal (rq 3.0 Queue._fetch_dequeued_job): RQ's own post-pop step, shared by
@@ -297,7 +320,16 @@ class FairShareQueue(Queue):
                 continue
             if deadline is None:
                 return None
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 # What RQ's BLPOP-based dequeue raises on a timeout; the worker loop expects it.
-                raise DequeueTimeout(timeout, [queue.key for queue in queues])
-            time.sleep(POLL_INTERVAL_S)
+                raise DequeueTimeout(timeout, keys)
+            if still_queued:  # jobs wait for their owners' quotas: ask again shortly
+                time.sleep(min(POLL_INTERVAL_S, left))
+                continue
+            # Every queue is empty: block like RQ does until a job arrives, then hand it to the
+            # take (which puts it back first), so it starts as quickly as with RQ's dequeue.
+            arrived = connection.blpop(keys, max(1, int(left)))
+            if arrived is None:
+                raise DequeueTimeout(timeout, keys)
+            popped = (keys.index(as_text(arrived[0])), as_text(arrived[1]))
