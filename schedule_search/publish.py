@@ -190,6 +190,8 @@ def publish_search(
     """Enqueue every point of `search` that is missing or failed; report what each point was."""
     report = PublishReport(search.name, search.method, dry_run)
     if not dry_run:
+        # Before any claim: a bad RUNYARD_USER (the owner) must leave nothing behind.
+        context = context if context is not None else publish_context()
         check_definition(connection, search)
         connection.set(search_key(search.name), json.dumps(search.definition()))
     claims = claim_points(connection, search, dry_run)
@@ -197,7 +199,6 @@ def publish_search(
     if dry_run:
         return report
 
-    context = context if context is not None else publish_context()
     job_ids = {point.id: claim["job_id"] for point, _outcome, claim in claims if claim}
     to_enqueue = [(point, claim) for point, outcome, claim in claims if is_enqueued(outcome)]
     try:

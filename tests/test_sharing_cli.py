@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from publisher.queue import publish_context, publish_experiment
 from publisher.sharing import wait_reasons
-from tests.helpers import isolated_env, run_cli, tiny_spec
+from tests.helpers import isolated_env, run_cli, tiny_spec, write_search
 from trainer.spec import load_spec
 from worker.fair_share import charge_gpu_time, take_job_id
 from worker.quotas import set_quota
@@ -114,3 +114,13 @@ def test_status_owners_lists_running_queued_gpu_hours_and_share(redis_url, tmp_p
     }
     table = run_cli("runyard", "status", "--owners", env=env)
     assert "alice" in table.stdout and "100%" in table.stdout
+
+
+def test_schedule_search_refuses_a_bad_runyard_user_and_enqueues_nothing(redis_url, tmp_path, demo_data, connection):
+    env = isolated_env(redis_url, tmp_path / "home") | {"RUNYARD_USER": "not a name"}
+    search = write_search(tmp_path / "search.yaml", demo_data, {"lr": {"values": [0.001, 0.003]}}, name="owned")
+    result = run_cli("schedule-search", str(search), env=env)
+    assert result.returncode == 2
+    assert "RUNYARD_USER: owner 'not a name' is not a user name" in result.stderr
+    assert not Queue("default", connection=connection).count
+    assert not connection.keys("runyard:search:owned*")  # no claim left behind
