@@ -8,11 +8,13 @@ Preemptor would; tests/test_scheduling.py runs preemption end to end with traini
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import redis
 from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 
 from worker.preemption import (
     may_preempt,
@@ -36,6 +38,8 @@ def running_job(connection: redis.Redis, name: str, queue_name: str, **meta) -> 
     connection.lrem(f"rq:queue:{queue_name}", 1, job.id)  # taken
     worker.prepare_execution(job)  # what rq.Worker does as it starts the job
     worker.set_state("busy")
+    started = datetime.now(timezone.utc) - timedelta(minutes=20)  # it has trained a while
+    connection.hset(job.key, "started_at", utcformat(started))
     return job
 
 
