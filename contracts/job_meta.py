@@ -49,6 +49,8 @@ class JobMeta(BaseModel):
     point: str | None = None
     kind: str | None = None  # a search point's kind: run, fold or aggregate
     params: dict[str, Any] | None = None
+    owner: str | None = None  # who the job's GPU time is charged to (fair share, quotas)
+    preemptible: bool | None = None  # False: `publish --no-preempt`
 
     # Written by the work horse
     code: dict[str, Any] | None = None
@@ -63,6 +65,12 @@ class JobMeta(BaseModel):
     oom_adjustments: list[dict[str, Any]] | None = None
     batch_adjustment: dict[str, Any] | None = None
     trial_number: int | None = None  # a bayes point's Optuna trial
+    checkpoint_at: float | None = None  # when the last checkpoint was written (preemption picks the latest)
+
+    # Written when a higher-priority job preempts this one
+    preempted_by: str | None = None
+    preempted_after_epoch: int | None = None
+    preemptions: list[dict[str, Any]] | None = None
 
     # Written by janitors
     requeues: int | None = None

@@ -13,6 +13,17 @@ RUN_NAMES_KEY = f"{PREFIX}:run-names"  # set: every run name ever reserved (each
 REFUSED_KEY = f"{PREFIX}:refused"  # list: the last refused jobs; `REFUSED_KEY:<job id>` keeps the record
 RUN_KEY_PREFIX = f"{PREFIX}:run:"  # + run name: the finished run's JSON summary (also used by Lua)
 
+# Sharing the workers (worker.fair_share, worker.quotas, worker.preemption)
+QUOTA_KEY = f"{PREFIX}:quota"  # hash: owner -> concurrent GPU cap
+USAGE_KEY = f"{PREFIX}:fairshare:usage"  # hash: owner -> decayed GPU seconds, as of USAGE_AT_KEY
+USAGE_AT_KEY = f"{PREFIX}:fairshare:usage_at"  # hash: owner -> when its usage was last decayed
+RUNNING_KEY = f"{PREFIX}:fairshare:running"  # hash: job id -> "<owner>\t<time of its last charge>"
+HOURLY_KEY = f"{PREFIX}:fairshare:hourly"  # hash: "<owner>\t<hour since the epoch>" -> GPU seconds (undecayed)
+PREEMPT_PREFIX = f"{PREFIX}:preempt:"  # + job id: the request that the job stop (JSON: by, at, queue)
+PREEMPT_FOR_PREFIX = f"{PREFIX}:preempt-for:"  # + high job id: a job was already stopped for it
+PREEMPT_LOCK_KEY = f"{PREFIX}:preempt-lock"  # one deciding Preemptor at a time
+PREEMPT_OFF_KEY = f"{PREFIX}:preempt-off"  # set: queue names whose jobs are never preempted
+
 
 def run_key(run_name: str) -> str:
     """A finished run's JSON summary; it never expires."""

@@ -20,16 +20,18 @@ from rich.table import Table
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
-from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
+from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_context, publish_experiment, rq_queue_name
 from publisher.search_status import (
     collect_search_status,
     search_leaderboard,
     search_leaderboard_table,
     search_status_table,
 )
+from publisher.sharing import preempted_table, print_owner_status, queued_table
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
+from worker.quotas import QuotaError
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -137,8 +139,12 @@ def enqueue_options(subject: str):
 @click.option("--dry-run", is_flag=True, help="Validate and print the spec; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @enqueue_options("the job")
+@click.option(
+    "--owner", metavar="USER", help="Who the job belongs to for fair share and quotas [RUNYARD_USER, else you]."
+)
+@click.option("--no-preempt", "no_preempt", is_flag=True, help="A `high` job may not stop this one to take its GPU.")
 @spec_options
-def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **parameters):
+def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, owner, no_preempt, **parameters):
     """Validate one experiment spec and put it on the Redis queue.
 
     Every spec field is an option; a --config YAML file gives the base and options override it.
@@ -181,13 +187,31 @@ def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **
             click.echo(yaml.safe_dump(payload, sort_keys=False).rstrip())
             click.echo(f"# spec hash {spec.spec_hash()}; dry run: nothing enqueued", err=True)
         return
+    try:
+        context = publish_context(owner)
+    except QuotaError as error:
+        fail(f"--owner / RUNYARD_USER: {error}")
     connection = connect_or_fail()
-    job = publish_experiment(connection, spec, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
+    job = publish_experiment(
+        connection,
+        spec,
+        context=context,
+        retries=retries,
+        timeout_s=timeout_s,
+        max_requeues=max_requeues,
+        preemptible=not no_preempt,
+    )
     run_name = job.meta["run_name"]
     if as_json:
         click.echo(
             json.dumps(
-                {"job_id": job.id, "run_name": run_name, "queue": job.origin, "spec_hash": spec.spec_hash()},
+                {
+                    "job_id": job.id,
+                    "run_name": run_name,
+                    "queue": job.origin,
+                    "spec_hash": spec.spec_hash(),
+                    "owner": job.meta["owner"],
+                },
                 indent=2,
             )
         )
@@ -216,10 +240,17 @@ def _eta(seconds: float | None) -> str:
 @click.command("status", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--search", "search", metavar="NAME", help="Only this search: each point's state, epoch and metric.")
-def status_command(as_json, search):
-    """Queues, running jobs with their epoch and F1, failed jobs with the reason, workers."""
+@click.option("--owners", is_flag=True, help="Per owner: running, queued, GPU hours in the window, share, quota.")
+@click.option(
+    "--window", "window_h", type=click.FloatRange(min=0.01), default=24, show_default=True, help="Hours for --owners."
+)
+def status_command(as_json, search, owners, window_h):
+    """Queues, running and queued jobs (with why they wait), failed jobs with the reason, workers."""
     if search:
         _search_status(search, as_json)
+        return
+    if owners:
+        print_owner_status(connect_or_fail(), window_h * 3600, as_json, console())
         return
     status = collect_status(connect_or_fail())
     if as_json:
@@ -251,6 +282,10 @@ def status_command(as_json, search):
                 _eta(row["eta_seconds"]),
             )
         out.print(running)
+    if status["queued"]:
+        out.print(queued_table(status["queued"]))
+    if status["preempted"]:
+        out.print(preempted_table(status["preempted"]))
     if status["failed"]:
         failed = Table(title="failed and cancelled")
         for column in ("run", "job", "reason", "error"):

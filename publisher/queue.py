@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -13,13 +14,16 @@ from rq.serializers import JSONSerializer
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, update_job_meta
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
+from worker.fair_share import job_owner
 from worker.jobs import RUN_EXPERIMENT
+from worker.quotas import check_owner
 from worker.results import reserve_run_name
 
 JOB_TIMEOUT_S = 2 * 24 * 3600  # a long training run, not a web request
 RESULT_TTL_S = 30 * 24 * 3600  # RQ's copy; runyard's own run record (worker.results) never expires
 FAILURE_TTL_S = 365 * 24 * 3600
 DEFAULT_RETRIES = 2
+OWNER_ENV = "RUNYARD_USER"  # who a job belongs to for fair share and quotas, when not the login user
 
 
 def rq_queue_name(spec: ExperimentSpec) -> str:
@@ -33,9 +37,21 @@ def queue(connection: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=connection, serializer=JSONSerializer)
 
 
-def publish_context() -> dict[str, Any]:
-    """Who published, from where and at which code version; carried with the job, logged with the run."""
-    return {"user": current_user(), "host": current_host(), "published_at": time.time(), **git_state()}
+def current_owner() -> str:
+    """The owner of what this process publishes: RUNYARD_USER, else the login user."""
+    owner = os.environ.get(OWNER_ENV, "").strip()
+    return check_owner(owner) if owner else current_user()
+
+
+def publish_context(owner: str | None = None) -> dict[str, Any]:
+    """Who published (and owns the job), from where and at which code version; logged with the run."""
+    return {
+        "user": current_user(),
+        "owner": check_owner(owner) if owner else current_owner(),
+        "host": current_host(),
+        "published_at": time.time(),
+        **git_state(),
+    }
 
 
 def job_options(
@@ -82,6 +98,7 @@ def publish_experiment(
     retries: int = DEFAULT_RETRIES,
     timeout_s: int = JOB_TIMEOUT_S,
     max_requeues: int = DEFAULT_MAX_REQUEUES,
+    preemptible: bool = True,
 ) -> Job:
     """Enqueue `spec` (with a unique run name) for `worker.jobs.run_experiment`; return the RQ job."""
     run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
@@ -90,5 +107,13 @@ def publish_experiment(
     return queue(connection, rq_queue_name(spec)).enqueue_call(
         RUN_EXPERIMENT,
         kwargs={"spec": spec.to_payload(), "context": context},
-        **job_options(spec, run_name, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues),
+        **job_options(
+            spec,
+            run_name,
+            retries=retries,
+            timeout_s=timeout_s,
+            max_requeues=max_requeues,
+            owner=job_owner(context),
+            preemptible=preemptible,
+        ),
     )

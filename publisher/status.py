@@ -10,6 +10,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
+from publisher.sharing import wait_reasons
 from worker.job import refused_records
 from worker.results import leaderboard
 
@@ -47,6 +48,9 @@ def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
         "failure_reason": meta.failure_reason,
         "failure_message": meta.failure_message,
         "requeues": meta.requeues or 0,
+        "owner": meta.owner,
+        "preempted_by": meta.preempted_by,
+        "preemptions": len(meta.preemptions or []),
     }
 
 
@@ -89,6 +93,9 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
         queues.append(counts)
         for state, state_rows in queue_rows.items():
             rows[state] += state_rows
+    reasons = wait_reasons(connection)
+    for row in rows["queued"]:
+        row["wait_reason"] = reasons.get(row["job_id"])
     workers = []
     for worker in Worker.all(connection=connection, serializer=JSONSerializer):
         workers.append(
@@ -109,6 +116,7 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
         "workers": workers,
         "quarantined": refused_records(connection),
         "finished": leaderboard(connection, limit=5),
+        "preempted": [row for row in running + rows["queued"] if row["preemptions"]],
         "code_differs": [row for row in running + finished if row.get("code", {}).get("differs")],
         "wandb_offline": [
             {"run_name": row["run_name"], "sync": row["wandb"]["sync"]}

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
+from publisher.sharing_cli import preemption_command, quota_group
 from runyard import __version__
 from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
@@ -119,3 +120,5 @@ main.add_command(train_command)
 main.add_command(infer_command)
 main.add_command(schedule_search_command)
 main.add_command(compare_command)
+main.add_command(quota_group)
+main.add_command(preemption_command)

@@ -14,6 +14,7 @@ from schedule_search.config import SearchError
 from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search
 from worker.connection import RedisUnavailable, connect
+from worker.quotas import QuotaError
 
 SHOWN_POINTS = 50
 OUTCOME_LABELS = {
@@ -74,6 +75,8 @@ def schedule_search_command(
         report = publish_search(connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
     except SearchConflict as error:
         fail(f"nothing enqueued: {error}")
+    except QuotaError as error:  # RUNYARD_USER names the owner of the search's jobs
+        fail(f"RUNYARD_USER: {error}; nothing enqueued")
     if as_json:
         click.echo(json.dumps(_report_json(search, report), indent=2))
         return

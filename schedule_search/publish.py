@@ -26,6 +26,7 @@ from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish
 from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
+from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
 from worker.results import get_search
 
@@ -184,6 +185,8 @@ def publish_search(
     """Enqueue every point of `search` that is missing or failed; report what each point was."""
     report = PublishReport(search.name, search.method, dry_run)
     if not dry_run:
+        # Before any claim: a bad RUNYARD_USER (the owner) must leave nothing behind.
+        context = context if context is not None else publish_context()
         check_definition(connection, search)
         connection.set(search_key(search.name), json.dumps(search.definition()))
     claims = claim_points(connection, search, dry_run)
@@ -191,7 +194,6 @@ def publish_search(
     if dry_run:
         return report
 
-    context = context if context is not None else publish_context()
     job_ids = {point.id: claim["job_id"] for point, _outcome, claim in claims if claim}
     to_enqueue = [(point, claim) for point, outcome, claim in claims if is_enqueued(outcome)]
     try:
@@ -235,6 +237,7 @@ def _enqueue(
             point=point.id,
             kind=point.kind,
             params=point.params,
+            owner=job_owner(context),  # a search's points, folds and aggregates are its publisher's
         )
         if point.kind == "aggregate":
             folds = [

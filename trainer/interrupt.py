@@ -14,6 +14,7 @@ from contracts.epoch_report import EpochReport
 
 SHUTDOWN = "shutdown"  # the worker is going down: keep the checkpoint, run the rest later
 CANCELLED = "cancelled"  # a user cancelled the run
+PREEMPTED = "preempted"  # a `high` job needs this GPU: keep the checkpoint, run the rest later
 LOST = "lost"  # this process no longer owns the job (it was requeued elsewhere): stop quietly
 
 

@@ -4,6 +4,8 @@ Three things stop a job early, each a reason from trainer.interrupt:
 - shutdown: the worker got SIGTERM/SIGINT and sent its work horse SHUTDOWN_SIGNAL; the job
   keeps its checkpoint and goes back on the queue (worker.jobs returns RQ's Retry).
 - cancelled: someone ran `runyard cancel`, which sets `runyard:cancel:<job id>` in Redis.
+- preempted: a `high` job needs the GPU (worker.preemption sets `runyard:preempt:<job id>`); the
+  job goes back on the queue like a shutdown.
 - lost: the job is no longer this horse's (a janitor requeued it, e.g. after a long Redis
   outage, or the worker process died): it stops without touching the job's state in Redis.
 
@@ -21,9 +23,10 @@ import redis
 from rq.job import Job, JobStatus
 
 from contracts.keys import cancel_key
-from trainer.interrupt import CANCELLED, LOST, SHUTDOWN
+from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN
 from worker.embedded import NO_RETRY
 from worker.heartbeat import REDIS_ERRORS, separate_client
+from worker.preemption import preempt_key
 
 SHUTDOWN_SIGNAL = signal.SIGUSR1
 CHECK_INTERVAL_S = 1.0
@@ -83,7 +86,8 @@ class JobControl:
             with self.redis.pipeline(transaction=False) as pipeline:
                 pipeline.exists(cancel_key(self.job.id))
                 pipeline.hmget(self.job.key, "status", "worker_name")
-                cancelled, (status, worker) = pipeline.execute()
+                pipeline.exists(preempt_key(self.job.id))
+                cancelled, (status, worker), preempted = pipeline.execute()
         except REDIS_ERRORS:
             return None  # Redis trouble is not a reason to stop training
         if cancelled:
@@ -91,4 +95,6 @@ class JobControl:
         if status is None or status.decode() != JobStatus.STARTED or (worker or b"").decode() != self.worker_name:
             log.warning("job %s was requeued while this worker ran it; stopping without a result", self.job.id)
             return LOST
+        if preempted:
+            return PREEMPTED
         return None

@@ -16,11 +16,12 @@ from rq import Retry, get_current_job
 from rq.job import Job
 
 from contracts.job_meta import FailureReason, set_failure
-from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
+from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.paths import runs_root
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
+from worker.preemption import record_preemption
 from worker.progress import MetaWriter
 from worker.results import record_run
 from worker.search_trial import SearchTrial, open_search_trial
@@ -165,6 +166,10 @@ def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | No
             job.meta["shutdowns"] = int(job.meta.get("shutdowns", 0)) + 1
             job.meta["shutdown_after_epoch"] = stop.epoch
         return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)
+    if stop.reason == PREEMPTED:
+        if job is not None:
+            record_preemption(job, stop.epoch)
+        return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)  # like a shutdown: resumes from its checkpoint
     if stop.reason == LOST:
         raise JobLost(str(stop))
     message = f"cancelled by `runyard cancel` after epoch {stop.epoch}; its checkpoint is kept"
@@ -260,6 +265,7 @@ class JobProgress:
         self.history = [row for row in self.history if row["epoch"] < report.epoch] + [self._row(report)]
         self.job.meta["progress"] = asdict(report)
         self.job.meta["history"] = self.history
+        self.job.meta["checkpoint_at"] = time.time()  # the trainer saved this epoch's checkpoint (preemption)
         self._save()
         return stop
 

@@ -14,7 +14,10 @@ On top of RQ's Worker, each process:
 - refuses payloads it cannot read without stopping (worker.job) and never unpickles;
 - waits while another process holds its GPU (worker.gpu);
 - rides out Redis outages: RQ's loop ends, this process reconnects with backoff and starts over;
-- with --follow-git, takes each job on its checkout's latest commit (worker.code_version).
+- with --follow-git, takes each job on its checkout's latest commit (worker.code_version);
+- takes jobs by fair share between owners within quotas (worker.fair_share, worker.quotas: the
+  queue class's dequeue_any), charges their GPU time, and preempts lower-priority jobs for a
+  waiting `high` one (worker.preemption).
 """
 
 from __future__ import annotations
@@ -46,12 +49,14 @@ from worker.code_version import CODE_DIR, fast_forward, loaded_code_state
 from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
 from worker.embedded import NO_RETRY
+from worker.fair_share import FairShareQueue, charge_gpu_time
 from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS, RUNYARD_MARK, Heartbeat, heartbeat_key, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine_unreadable
 from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
 from worker.logs import LOG_FORMAT, setup_worker_logging
+from worker.preemption import Preemptor, clear_preemption
 
 __all__ = ["LOG_FORMAT", "RunyardWorker", "main", "unique_worker_name"]
 
@@ -74,9 +79,12 @@ log = logging.getLogger("runyard.worker")
 class RunyardWorker(Worker):
     """RQ's forking Worker with runyard's job class and serializer fixed, and the duties above."""
 
+    # The dequeue policy: rq.Worker takes its next job through queue_class.dequeue_any.
+    queue_class = FairShareQueue
+
     def __init__(self, queue_names: list[str], name: str, connection, **kwargs):
         queues = [
-            Queue(queue, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
+            self.queue_class(queue, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
             for queue in queue_names
         ]
         super().__init__(
@@ -85,11 +93,13 @@ class RunyardWorker(Worker):
             connection=connection,
             serializer=JSONSerializer,
             job_class=AllowListedJob,
+            queue_class=self.queue_class,
             **kwargs,
         )
         self.redis_lost: BaseException | None = None  # why the work loop ended, when Redis was the reason
         self.heartbeat_thread: Heartbeat | None = None
         self.janitor: Janitor | None = None
+        self.preemptor: Preemptor | None = None
         self.gpu = GpuCheck.from_environment()
         self.executed_jobs = 0
         self.unregistered_job: tuple[Job, Queue] | None = None  # popped, not yet started, when Redis went
@@ -143,6 +153,8 @@ class RunyardWorker(Worker):
             log.warning("%s: start-up sweep skipped: %s: %s", self.name, type(error).__name__, error)
         self.janitor = Janitor(threads_connection, self.name, self.heartbeat_thread)
         self.janitor.start()
+        self.preemptor = Preemptor(threads_connection, self.name, self.queue_names())
+        self.preemptor.start()
 
     def register_birth(self):
         super().register_birth()
@@ -221,6 +233,8 @@ class RunyardWorker(Worker):
             return
         if self.janitor is not None:
             self.janitor.stop()
+        if self.preemptor is not None:
+            self.preemptor.stop()
         if self.heartbeat_thread is not None:
             self.heartbeat_thread.stop(forget=True)
         try:
@@ -274,6 +288,7 @@ class RunyardWorker(Worker):
         # Called while the horse trains: an outage must not end the worker under a running job.
         try:
             super().maintain_heartbeats(job, execution)
+            charge_gpu_time(self.connection, job.id, ended=False)
             if self._redis_warned:
                 log.info("%s: Redis is back", self.name)
             self._redis_warned = False
@@ -355,6 +370,13 @@ class RunyardWorker(Worker):
             self._redis_failed(error)
         finally:
             self._running = None
+            self._gpu_released(job)
+
+    def _gpu_released(self, job: Job) -> None:
+        """The job no longer holds the GPU: charge its owner, drop a request to preempt it."""
+        with contextlib.suppress(*REDIS_ERRORS):  # an outage costs the owner's last minutes only
+            charge_gpu_time(self.connection, job.id, ended=True)
+            clear_preemption(self.connection, job.id)
 
     # The work horse -----------------------------------------------------------------------------
 

@@ -1,0 +1,247 @@
+"""Fairness: plain FIFO (RQ's dequeue, no preemption) beside fair share + preemption, same workload.
+
+One owner (alice) floods the queue, two more (bob, carol) queue a few jobs a little later, and a
+`high` job (dave) arrives while every worker is busy. Printed per mode: each owner's median wait,
+each owner's share of the workers while all three had work queued, Jain's fairness index over
+those shares (goal >= 0.95 with fair share), the `high` job's start latency (goal <= one epoch of
+the preempted job + 2 s) and the work the preempted job re-did (goal <= one epoch).
+
+    python benchmarks/fairness.py --workers 2 --flood 8 --later 3 --epochs 2
+
+Everything is real: a redis-server, `python -m worker.process` workers, timm's test_efficientnet
+trained on generated data. The script samples every job's state every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from rq.job import Job, JobStatus  # noqa: E402
+
+from publisher.queue import publish_context, publish_experiment  # noqa: E402
+from trainer.demo_data import make_demo_dataset  # noqa: E402
+from trainer.spec import load_spec  # noqa: E402
+from worker.embedded import find_redis_server  # noqa: E402
+from worker.heartbeat import heartbeat_key  # noqa: E402
+from worker.preemption import set_queue_preemption  # noqa: E402
+
+SAMPLE_S = 0.2
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    binary, _origin = find_redis_server()
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"unix://{socket_path}"
+    for _ in range(300):
+        try:
+            if redis.Redis.from_url(url).ping():
+                return process, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def jain(shares: list[float]) -> float:
+    """Jain's fairness index: 1 when every share is equal, 1/n when one takes everything."""
+    total = sum(shares)
+    squares = sum(share * share for share in shares)
+    return total * total / (len(shares) * squares) if squares else 0.0
+
+
+class Sampler:
+    """Each job's first start, end, and which owners ran and had work queued at each sample."""
+
+    def __init__(self, connection: redis.Redis):
+        self.connection = connection
+        self.jobs: dict[str, Job] = {}
+        self.published: dict[str, float] = {}
+        self.first_start: dict[str, float] = {}
+        self.samples: list[tuple[float, dict[str, int], set[str]]] = []  # (time, running per owner, owners queued)
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self.published[job.id] = time.time()
+
+    def sample(self) -> bool:
+        """One look at every job; False once all have finished."""
+        now = time.time()
+        running: dict[str, int] = {}
+        queued: set[str] = set()
+        done = 0
+        for job_id, job in self.jobs.items():
+            status = job.get_status(refresh=True)
+            owner = job.get_meta(refresh=True)["owner"]
+            if status == JobStatus.STARTED:
+                self.first_start.setdefault(job_id, now)
+                running[owner] = running.get(owner, 0) + 1
+            elif status == JobStatus.QUEUED:
+                queued.add(owner)
+            elif status in (JobStatus.FINISHED, JobStatus.FAILED):
+                self.first_start.setdefault(job_id, now)
+                done += 1
+        self.samples.append((now, running, queued))
+        return done < len(self.jobs)
+
+    def run_until(self, predicate, limit_s: float) -> None:
+        deadline = time.time() + limit_s
+        while time.time() < deadline and not predicate():
+            self.sample()
+            time.sleep(SAMPLE_S)
+
+
+def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dict:
+    redis_process, url = start_redis(work)
+    connection = redis.Redis.from_url(url)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
+    env |= {
+        "REDIS_URL": url,
+        "RUNYARD_HOME": str(work / "home"),
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "RUNYARD_SCHEDULING": "fairshare" if mode == "fair share" else "fifo",
+    }
+    if mode == "fifo":  # today's behaviour: a high job only jumps the queue
+        for queue_name in ("default", "low"):
+            set_queue_preemption(connection, queue_name, False)
+    workers = []
+    sampler = Sampler(connection)
+    spec = load_spec(
+        {
+            "model": "test_efficientnet",
+            "pretrained": False,
+            "data_dir": str(data / "train"),
+            "resize": "32x32",
+            "epochs": args.epochs,
+            "batch_size": 32,
+            "lr": 3e-3,
+        }
+    )
+
+    def publish(owner: str, **changes) -> Job:
+        job = publish_experiment(connection, spec.model_copy(update=changes), context=publish_context(owner))
+        sampler.add(job)
+        return job
+
+    try:
+        for number in range(args.workers):
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker.process", "--name", f"bench-{number}"],
+                    env=env,
+                    stdout=open(work / f"worker-{number}.log", "w"),  # noqa: SIM115 (the worker keeps it)
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=ROOT,
+                )
+            )
+        deadline = time.time() + 120
+        while not all(connection.exists(heartbeat_key(f"bench-{n}")) for n in range(args.workers)):
+            if time.time() > deadline:
+                raise RuntimeError("workers did not start")
+            time.sleep(0.2)
+        for _ in range(args.flood):
+            publish("alice")
+        sampler.run_until(lambda: len(sampler.first_start) >= args.workers, 120)
+        for owner in ("bob", "carol"):
+            for _ in range(args.later):
+                publish(owner)
+        # The high job once every worker is busy with a job past its first epoch.
+        sampler.run_until(lambda: len(sampler.first_start) >= args.workers + 2, 300)
+        high = publish("dave", priority="high", epochs=1)
+        high_at = sampler.published[high.id]
+        while sampler.sample():
+            time.sleep(SAMPLE_S)
+    finally:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        redis_process.terminate()
+        redis_process.wait(10)
+
+    owners = ("alice", "bob", "carol")
+    waits = {owner: [] for owner in owners}
+    for job_id, job in sampler.jobs.items():
+        owner = job.meta["owner"]
+        if owner in waits:
+            waits[owner].append(sampler.first_start[job_id] - sampler.published[job_id])
+    # Shares of the workers while alice, bob and carol all had work queued (sample-weighted).
+    held = {owner: 0 for owner in owners}
+    for _, running, queued in sampler.samples:
+        if all(owner in queued for owner in owners):
+            for owner in owners:
+                held[owner] += running.get(owner, 0)
+    total = sum(held.values())
+    shares = [held[owner] / total if total else 0.0 for owner in owners]
+    preempted = [job for job in sampler.jobs.values() if job.meta.get("preemptions")]
+    redone = [entry.get("work_lost_s") for job in preempted for entry in job.meta["preemptions"]]
+    epoch_s = [
+        (job.meta.get("progress") or {}).get("seconds") for job in sampler.jobs.values() if job.meta.get("progress")
+    ]
+    return {
+        "mode": mode,
+        "median_wait_s": {owner: round(statistics.median(values), 1) for owner, values in waits.items() if values},
+        "shares_while_all_queued": dict(zip(owners, [round(share, 3) for share in shares], strict=True)),
+        "jain": round(jain(shares), 3),
+        "high_start_latency_s": round(sampler.first_start[high.id] - high_at, 1),
+        "preemptions": len(redone),
+        # Of the high job's latency: until a Preemptor asked, then until the victim had stopped.
+        "asked_after_s": [round(e["requested_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
+        "stopped_after_s": [round(e["at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
+        "work_redone_s": [round(value, 1) for value in redone if value is not None],
+        "median_epoch_s": round(statistics.median([s for s in epoch_s if s]), 1) if epoch_s else None,
+        "jobs": len(sampler.jobs),
+        "ran_twice_or_more": sum(1 for job in sampler.jobs.values() if int(job.meta.get("attempts", 1)) > 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--flood", type=int, default=8, help="alice's jobs, queued first")
+    parser.add_argument("--later", type=int, default=3, help="bob's and carol's jobs each, queued next")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="runyard-fairness-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        make_demo_dataset(data, profiles=36, eval_profiles=6, image_size=(64, 48), seed=0)
+        results = []
+        for mode in ("fifo", "fair share"):
+            (work / mode.replace(" ", "-")).mkdir()
+            results.append(run_mode(mode, args, work / mode.replace(" ", "-"), data))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'':28}" + "".join(f"{result['mode']:>24}" for result in results))
+    for key in results[0]:
+        if key == "mode":
+            continue
+        print(f"{key:28}" + "".join(f"{json.dumps(result[key]):>24}" for result in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Fair share between people: a free worker takes the queued job whose owner used the least GPU time.
+
+Within the highest non-empty priority a worker serves, the owner with the least decayed GPU time
+(Slurm-style: usage halves every RUNYARD_FAIRSHARE_HALF_LIFE, default 24 h) goes first, oldest job
+first within an owner; owners at their quota (worker.quotas) are skipped. The choice and the take
+are one Lua script, so two workers never take the same job. Jobs stay in RQ's own queue lists until
+taken, so `rq info` and rq-dashboard still list every queued job.
+
+GPU time is what each job held a GPU for: a job's entry in RUNNING_KEY is written at the take, and
+its owner is charged the time since the entry's last charge while it runs (every monitoring
+interval of the worker) and when it ends. RUNYARD_SCHEDULING=fifo turns all of this off (RQ's own
+first-in first-out dequeue).
+
+The take reads each queued job's owner once (O(queue length) per take, a few ms for thousands of
+jobs); the owner is cached as OWNER_FIELD on RQ's job hash, beside RQ's own fields.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.utils import as_text
+
+from contracts.keys import HOURLY_KEY, QUOTA_KEY, RUNNING_KEY, USAGE_AT_KEY, USAGE_KEY
+
+# Redis keys of this module (to move into the contracts module's key table).
+OWNER_FIELD = "runyard_owner"  # a field on RQ's job hash rq:job:<id>: the job's owner, cached
+NOBODY = ""  # the owner of a job enqueued without one (by plain RQ, or before owners existed)
+
+HALF_LIFE_ENV = "RUNYARD_FAIRSHARE_HALF_LIFE"
+DEFAULT_HALF_LIFE_S = 24 * 3600
+SCHEDULING_ENV = "RUNYARD_SCHEDULING"  # fairshare (default) | fifo
+# How often a worker asks again while every queued job waits for its owner's quota (with all
+# queues empty it blocks in BLPOP instead, as RQ does).
+POLL_INTERVAL_S = 0.5
+# A running entry not charged for this long belongs to a worker that died; its job is not counted.
+STALE_RUNNING_S = 300
+# Between the take and RQ marking the job started is well under a second; an entry whose job is
+# queued again after this long was put back (follow-git, a janitor) and no longer runs.
+REQUEUED_AFTER_S = 30
+
+# Shared by the take and the charge: decay an owner's usage to `now` and add `extra` seconds.
+_DECAY_LUA = """
+local function decayed(usage_key, usage_at_key, owner, now, half_life)
+  local usage = tonumber(redis.call('HGET', usage_key, owner) or '0')
+  local at = tonumber(redis.call('HGET', usage_at_key, owner) or tostring(now))
+  if now > at then usage = usage * math.pow(2, -(now - at) / half_life) end
+  return usage
+end
+local function charge(usage_key, usage_at_key, owner, now, half_life, extra)
+  local usage = decayed(usage_key, usage_at_key, owner, now, half_life) + extra
+  redis.call('HSET', usage_key, owner, tostring(usage))
+  redis.call('HSET', usage_at_key, owner, tostring(now))
+end
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# rq internals this script relies on (rq 3.0): a queue is a Redis list of job ids, taken from the
+# left (RQ's LPOP); a job is the hash Job.redis_job_namespace_prefix + id, whose `status` field is
+# RQ's JobStatus and whose `meta` field is the JSON serializer's output (JSONSerializer, so Lua's
+# cjson can read the owner). Removing the id from the list is what RQ's own pop does; the worker
+# then registers the job (StartedJobRegistry, execution) as after any dequeue.
+# KEYS: the worker's queue keys in priority order, then usage, usage_at, running, quota.
+# ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s, and optionally
+# the (1-based) queue index and id of a job the caller popped with BLPOP, put back first.
+# Returns {index of the queue (1-based), job id}, or {0, jobs queued} when no job may be taken.
+TAKE_LUA = (
+    _DECAY_LUA
+    + """
+local nq = tonumber(ARGV[1])
+local usage_key, usage_at_key, running_key, quota_key = KEYS[nq + 1], KEYS[nq + 2], KEYS[nq + 3], KEYS[nq + 4]
+local half_life, prefix = tonumber(ARGV[2]), ARGV[3]
+local stale, requeued_after = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = clock()
+if ARGV[6] and ARGV[6] ~= '0' then redis.call('LPUSH', KEYS[tonumber(ARGV[6])], ARGV[7]) end
+
+-- Who runs what now, dropping entries of jobs that no longer run.
+local running, uncharged = {}, {}
+local entries = redis.call('HGETALL', running_key)
+for i = 1, #entries, 2 do
+  local owner, last = string.match(entries[i + 1], '^(.*)\\t([%d%.e%+%-]+)$')
+  local status = redis.call('HGET', prefix .. entries[i], 'status')
+  last = tonumber(last)
+  if owner == nil or last == nil or now - last > stale or status == false
+     or (status == 'queued' and now - last > requeued_after)
+     or (status ~= 'queued' and status ~= 'started') then
+    redis.call('HDEL', running_key, entries[i])
+  else
+    running[owner] = (running[owner] or 0) + 1
+    uncharged[owner] = (uncharged[owner] or 0) + math.max(0, now - last)
+  end
+end
+
+local function owner_of(id)
+  local key = prefix .. id
+  local owner = redis.call('HGET', key, 'runyard_owner')
+  if owner then return owner end
+  owner = ''
+  local meta = redis.call('HGET', key, 'meta')
+  if meta then
+    local ok, decoded = pcall(cjson.decode, meta)
+    if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
+  end
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'runyard_owner', owner) end
+  return owner
+end
+
+for q = 1, nq do
+  local ids = redis.call('LRANGE', KEYS[q], 0, -1)
+  local best_id, best_owner, best_usage, best_running = nil, nil, nil, nil
+  local seen = {}
+  for _, id in ipairs(ids) do
+    local owner = owner_of(id)
+    if not seen[owner] then
+      seen[owner] = true
+      local quota = redis.call('HGET', quota_key, owner)
+      local held = running[owner] or 0
+      if quota == false or held < tonumber(quota) then
+        local usage = decayed(usage_key, usage_at_key, owner, now, half_life) + (uncharged[owner] or 0)
+        if best_id == nil or usage < best_usage or (usage == best_usage and held < best_running) then
+          best_id, best_owner, best_usage, best_running = id, owner, usage, held
+        end
+      end
+    end
+  end
+  if best_id then
+    redis.call('LREM', KEYS[q], 1, best_id)
+    redis.call('HSET', running_key, best_id, best_owner .. '\\t' .. string.format('%.6f', now))
+    return {q, best_id}
+  end
+end
+local queued = 0
+for q = 1, nq do queued = queued + redis.call('LLEN', KEYS[q]) end
+return {0, queued}
+"""
+)
+
+# KEYS: usage, usage_at, running, hourly. ARGV: job id, half-life s, 1 when the job ended (0: still runs).
+# Charges the job's owner the time since its entry's last charge; returns the seconds charged.
+CHARGE_LUA = (
+    _DECAY_LUA
+    + """
+local usage_key, usage_at_key, running_key, hourly_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local entry = redis.call('HGET', running_key, ARGV[1])
+if not entry then return '0' end
+local owner, last = string.match(entry, '^(.*)\\t([%d%.e%+%-]+)$')
+local now = clock()
+local held = math.max(0, now - tonumber(last or now))
+charge(usage_key, usage_at_key, owner or '', now, tonumber(ARGV[2]), held)
+if held > 0 then
+  redis.call('HINCRBYFLOAT', hourly_key, (owner or '') .. '\t' .. tostring(math.floor(now / 3600)), held)
+end
+if ARGV[3] == '1' then
+  redis.call('HDEL', running_key, ARGV[1])
+else
+  redis.call('HSET', running_key, ARGV[1], (owner or '') .. '\\t' .. string.format('%.6f', now))
+end
+return tostring(held)
+"""
+)
+
+
+def job_owner(context: dict[str, Any] | None) -> str:
+    """The owner a job's publish context names: `owner`, else the publishing `user`."""
+    context = context or {}
+    return str(context.get("owner") or context.get("user") or NOBODY)
+
+
+def half_life_s() -> float:
+    """RUNYARD_FAIRSHARE_HALF_LIFE in seconds (e.g. 86400, 90m, 24h, 2d), default 24 h."""
+    text = os.environ.get(HALF_LIFE_ENV, "").strip().lower()
+    if not text:
+        return float(DEFAULT_HALF_LIFE_S)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ValueError(f"{HALF_LIFE_ENV}={text!r} is not a positive duration like 86400, 90m, 24h or 2d")
+    return value
+
+
+def fair_share_enabled() -> bool:
+    """False when RUNYARD_SCHEDULING=fifo (RQ's plain first-in first-out dequeue)."""
+    mode = os.environ.get(SCHEDULING_ENV, "fairshare").strip().lower() or "fairshare"
+    if mode not in ("fairshare", "fifo"):
+        raise ValueError(f"{SCHEDULING_ENV}={mode!r} is not one of: fairshare, fifo")
+    return mode == "fairshare"
+
+
+def take_job_id(
+    connection: redis.Redis,
+    queue_keys: list[str],
+    half_life: float | None = None,
+    popped: tuple[int, str] | None = None,
+) -> tuple[int, str] | None:
+    """Atomically pick and remove the fair-share choice from `queue_keys`: (queue index, job id).
+
+    `popped` (queue index, job id) is a job the caller took off a queue by BLPOP: it goes back
+    first, in the same atomic step, and competes like any other.
+    """
+    return _take(connection, queue_keys, half_life, popped)[0]
+
+
+def _take(
+    connection: redis.Redis, queue_keys: list[str], half_life: float | None, popped: tuple[int, str] | None
+) -> tuple[tuple[int, str] | None, int]:
+    """The take, and how many jobs stay queued when it took none."""
+    keys = [*queue_keys, USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY]
+    args = [len(queue_keys), half_life or half_life_s(), Job.redis_job_namespace_prefix, STALE_RUNNING_S]
+    args += [REQUEUED_AFTER_S, *((popped[0] + 1, popped[1]) if popped else (0, ""))]
+    index, value = connection.eval(TAKE_LUA, len(keys), *keys, *args)
+    if int(index) == 0:
+        return None, int(value)
+    return (int(index) - 1, as_text(value)), 0
+
+
+def charge_gpu_time(connection: redis.Redis, job_id: str, ended: bool) -> float:
+    """Charge the owner of a running (or just ended) job for the GPU time since its last charge."""
+    keys = [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, HOURLY_KEY]
+    return float(connection.eval(CHARGE_LUA, len(keys), *keys, job_id, half_life_s(), 1 if ended else 0))
+
+
+def decayed_usage(connection: redis.Redis, half_life: float | None = None) -> dict[str, float]:
+    """Every owner's GPU seconds decayed to now (Redis's clock), running jobs' uncharged time included."""
+    half_life = half_life or half_life_s()
+    seconds, micros = connection.time()
+    now = seconds + micros / 1e6
+    usage = {as_text(k): float(v) for k, v in connection.hgetall(USAGE_KEY).items()}
+    usage_at = {as_text(k): float(v) for k, v in connection.hgetall(USAGE_AT_KEY).items()}
+    decayed = {
+        owner: value * 2 ** (-max(0.0, now - usage_at.get(owner, now)) / half_life) for owner, value in usage.items()
+    }
+    for owner, last in running_entries(connection).values():
+        decayed[owner] = decayed.get(owner, 0.0) + max(0.0, now - last)
+    return decayed
+
+
+def gpu_seconds_since(connection: redis.Redis, since: float) -> dict[str, float]:
+    """Every owner's charged GPU seconds in the hours from `since` (whole hours) to now."""
+    first_hour = int(since // 3600)
+    totals: dict[str, float] = {}
+    for field, seconds in connection.hgetall(HOURLY_KEY).items():
+        owner, _, hour = as_text(field).rpartition("\t")
+        if hour.isdigit() and int(hour) >= first_hour:
+            totals[owner] = totals.get(owner, 0.0) + float(seconds)
+    return totals
+
+
+def running_entries(connection: redis.Redis) -> dict[str, tuple[str, float]]:
+    """job id -> (owner, time of its last charge) for the jobs that hold a GPU now."""
+    entries = {}
+    for job_id, entry in connection.hgetall(RUNNING_KEY).items():
+        owner, _, last = as_text(entry).rpartition("\t")
+        entries[as_text(job_id)] = (owner, float(last or 0))
+    return entries
+
+
+class FairShareQueue(Queue):
+    """RQ's Queue whose `dequeue_any` (what rq.Worker calls to get its next job) takes by fair share.
+
+    `dequeue_any` is the classmethod rq.Worker.dequeue_job_and_maintain_ttl calls through the
+    worker's `queue_class`; overriding it leaves the rest of RQ's job life (registries, executions,
+    retries) as it is. With RUNYARD_SCHEDULING=fifo it is RQ's own.
+    """
+
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Iterable[Queue],
+        timeout: int | None,
+        connection: redis.Redis,
+        job_class: type[Job] | None = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[Job, Queue] | None:
+        queues = list(queues)
+        if not fair_share_enabled():
+            return super().dequeue_any(queues, timeout, connection, job_class, serializer, death_penalty_class)
+        half_life = half_life_s()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        keys = [queue.key for queue in queues]
+        popped = None
+        while True:
+            taken, still_queued = _take(connection, keys, half_life, popped)
+            popped = None
+            if taken is not None:
+                index, job_id = taken
+                # rq internal (rq 3.0 Queue._fetch_dequeued_job): RQ's own post-pop step, shared by
+                # its dequeue_any. It fetches the job with the worker's job class, returns None for
+                # a job deleted meanwhile and attaches job_id/queue to a fetch error (worker.job's
+                # quarantine reads them).
+                fetched = cls._fetch_dequeued_job(
+                    connection,
+                    queues[index].key,
+                    job_id,
+                    job_class=job_class,
+                    serializer=serializer,
+                    death_penalty_class=death_penalty_class,
+                )
+                if fetched is not None:
+                    return fetched
+                connection.hdel(RUNNING_KEY, job_id)
+                continue
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # What RQ's BLPOP-based dequeue raises on a timeout; the worker loop expects it.
+                raise DequeueTimeout(timeout, keys)
+            if still_queued:  # jobs wait for their owners' quotas: ask again shortly
+                time.sleep(min(POLL_INTERVAL_S, left))
+                continue
+            # Every queue is empty: block like RQ does until a job arrives, then hand it to the
+            # take (which puts it back first), so it starts as quickly as with RQ's dequeue.
+            arrived = connection.blpop(keys, max(1, int(left)))
+            if arrived is None:
+                raise DequeueTimeout(timeout, keys)
+            popped = (keys.index(as_text(arrived[0])), as_text(arrived[1]))

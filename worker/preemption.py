@@ -1,0 +1,234 @@
+"""Preemption by priority: a queued `high` job with no idle worker stops the cheapest lower job.
+
+Every worker runs a Preemptor thread. When a `high` queue it serves has a job waiting, no worker
+serving that queue is idle, and the job's owner is below their quota, one Preemptor (a short Redis
+lock) picks a victim among the jobs running on workers that serve the queue:
+- only jobs of lower priority in the same pool (`high` preempts `default` and `low`;
+  `pool-high` preempts `pool` and `pool-low`), lowest priority first;
+- then the one that loses the least work: the shortest time since its last checkpoint;
+- never one published with `--no-preempt`, nor one on a queue with preemption turned off
+  (`runyard preemption off QUEUE`), nor one preempted before that has not trained another epoch.
+
+The victim is asked through PREEMPT_KEY (worker.control reads it at the next step boundary, like a
+cancel). It then takes the same path as a warm shutdown: its checkpoint stays, it goes back to the
+front of its queue with `preempted_by` in its meta, and its worker, now free, takes the `high`
+job. The partial epoch is re-done on resume (step boundary, not epoch boundary: see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.utils import as_text
+
+from contracts.keys import PREEMPT_FOR_PREFIX, PREEMPT_LOCK_KEY, PREEMPT_OFF_KEY, PREEMPT_PREFIX, QUOTA_KEY
+from worker.fair_share import running_entries
+from worker.heartbeat import REDIS_ERRORS
+
+# Redis keys of this module (to move into the contracts module's key table).
+
+CHECK_INTERVAL_S = 1.0
+LOCK_TTL_MS = 5000
+REQUEST_TTL_S = 600  # a request its job never read (it ended first) lapses
+# Once a job stopped for it, a high job waits this long for the freed worker before another is
+# stopped: between the victim's requeue and its worker's next take no worker looks idle.
+PREEMPTED_FOR_TTL_S = 60
+
+PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+
+log = logging.getLogger("runyard.preemption")
+
+
+def preempt_key(job_id: str) -> str:
+    return f"{PREEMPT_PREFIX}{job_id}"
+
+
+def queue_priority(queue_name: str) -> tuple[str, str]:
+    """(pool, priority) of an RQ queue name: high -> (default, high), pool-low -> (pool, low)."""
+    if queue_name in ("high", "low"):
+        return "default", queue_name
+    pool, _, suffix = queue_name.rpartition("-")
+    if pool and suffix in ("high", "low"):
+        return pool, suffix
+    return queue_name, "normal"
+
+
+def may_preempt(high_queue: str, victim_queue: str) -> bool:
+    """Whether a job queued on `high_queue` may stop one running from `victim_queue`."""
+    pool, priority = queue_priority(high_queue)
+    victim_pool, victim_priority = queue_priority(victim_queue)
+    return priority == "high" and pool == victim_pool and PRIORITY_RANK[victim_priority] < PRIORITY_RANK[priority]
+
+
+def preemption_request(connection: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    """The standing request that `job_id` stop for a `high` job, if any."""
+    raw = connection.get(preempt_key(job_id))
+    return json.loads(raw) if raw else None
+
+
+def clear_preemption(connection: redis.Redis, job_id: str) -> None:
+    connection.delete(preempt_key(job_id))
+
+
+def set_queue_preemption(connection: redis.Redis, queue_name: str, enabled: bool) -> None:
+    """Turn preemption of `queue_name`'s jobs on or off (for every worker, kept in Redis)."""
+    if enabled:
+        connection.srem(PREEMPT_OFF_KEY, queue_name)
+    else:
+        connection.sadd(PREEMPT_OFF_KEY, queue_name)
+
+
+def queues_without_preemption(connection: redis.Redis) -> set[str]:
+    return {as_text(name) for name in connection.smembers(PREEMPT_OFF_KEY)}
+
+
+@dataclass
+class Candidate:
+    """A running job that could give its GPU to a `high` job."""
+
+    job_id: str
+    queue: str
+    worker: str
+    rank: int  # its priority: lower goes first
+    work_lost_s: float  # time since its last checkpoint (or start)
+
+
+def preemption_candidates(connection: redis.Redis, high_queue: str, workers: list[Worker]) -> list[Candidate]:
+    """Jobs that a job on `high_queue` may stop, cheapest first."""
+    off = queues_without_preemption(connection)
+    now = time.time()
+    candidates = []
+    for worker in workers:
+        job_id = worker.get_current_job_id()
+        if high_queue not in worker.queue_names() or job_id is None or connection.exists(preempt_key(job_id)):
+            continue
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except Exception:  # gone, or a record nobody can read: not a candidate
+            continue
+        if job.origin in off or not may_preempt(high_queue, job.origin) or job.meta.get("preemptible") is False:
+            continue
+        epochs = [row["epoch"] for row in job.meta.get("history") or []]
+        trained = max(epochs, default=0)
+        last_preempted = job.meta.get("preempted_after_epoch")
+        if last_preempted is not None and trained <= int(last_preempted):
+            continue  # no thrash: it must train another epoch first
+        started = job.started_at.timestamp() if job.started_at else now
+        checkpoint_at = max(float(job.meta.get("checkpoint_at") or 0), started)
+        rank = PRIORITY_RANK[queue_priority(job.origin)[1]]
+        candidates.append(Candidate(job_id, job.origin, worker.name, rank, max(0.0, now - checkpoint_at)))
+    return sorted(candidates, key=lambda candidate: (candidate.rank, candidate.work_lost_s))
+
+
+def _owner_has_room(connection: redis.Redis, job_id: str) -> bool:
+    """Whether the queued job's owner could start another job now (quota)."""
+    owner = connection.hget(Job.key_for(job_id), "runyard_owner")
+    owner = as_text(owner) if owner is not None else ""
+    cap = connection.hget(QUOTA_KEY, owner)
+    if cap is None:
+        return True
+    held = sum(1 for entry_owner, _last in running_entries(connection).values() if entry_owner == owner)
+    return held < int(cap)
+
+
+def preempt_for(connection: redis.Redis, high_queue: str) -> str | None:
+    """Ask one running job to stop if `high_queue` has a job no idle worker can take; its id."""
+    queued = [
+        as_text(job_id) for job_id in connection.lrange(f"{Queue.redis_queue_namespace_prefix}{high_queue}", 0, -1)
+    ]
+    if not queued:
+        return None
+    workers = [worker for worker in Worker.all(connection=connection) if high_queue in worker.queue_names()]
+    if any(worker.get_state() == "idle" for worker in workers):
+        return None  # that worker takes it
+    with connection.pipeline(transaction=False) as pipeline:
+        for job_id in queued:
+            pipeline.exists(f"{PREEMPT_FOR_PREFIX}{job_id}")
+        served = pipeline.execute()
+    waiting = [
+        job_id for job_id, done in zip(queued, served, strict=True) if not done and _owner_has_room(connection, job_id)
+    ]
+    if not waiting:
+        return None
+    candidates = preemption_candidates(connection, high_queue, workers)
+    if not candidates:
+        return None
+    victim = candidates[0]
+    request = {"by": waiting[0], "queue": high_queue, "at": time.time(), "work_lost_s": round(victim.work_lost_s, 1)}
+    if not connection.set(preempt_key(victim.job_id), json.dumps(request), nx=True, ex=REQUEST_TTL_S):
+        return None
+    connection.set(f"{PREEMPT_FOR_PREFIX}{waiting[0]}", victim.job_id, ex=PREEMPTED_FOR_TTL_S)
+    log.info(
+        "preempting job %s on %s (%s, %.0f s since its checkpoint) for %s job %s",
+        victim.job_id,
+        victim.worker,
+        victim.queue,
+        victim.work_lost_s,
+        high_queue,
+        waiting[0],
+    )
+    return victim.job_id
+
+
+class Preemptor(threading.Thread):
+    """Every CHECK_INTERVAL_S: preempt for each `high` queue this worker serves (one decider at a time)."""
+
+    def __init__(self, connection: redis.Redis, worker_name: str, queue_names: list[str]):
+        super().__init__(name=f"preemptor-{worker_name}", daemon=True)
+        self.connection = connection
+        self.worker_name = worker_name
+        self.high_queues = [name for name in queue_names if queue_priority(name)[1] == "high"]
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while self.high_queues and not self._stopping.wait(CHECK_INTERVAL_S):
+            try:
+                self.check()
+            except REDIS_ERRORS:
+                pass  # the heartbeat thread reports outages
+            except Exception as error:  # a record nobody can read must not end the thread
+                log.warning("%s: preemption check skipped: %s: %s", self.worker_name, type(error).__name__, error)
+
+    def check(self) -> None:
+        if not self.connection.set(PREEMPT_LOCK_KEY, self.worker_name, nx=True, px=LOCK_TTL_MS):
+            return
+        try:
+            for queue_name in self.high_queues:
+                preempt_for(self.connection, queue_name)
+        finally:
+            if as_text(self.connection.get(PREEMPT_LOCK_KEY) or b"") == self.worker_name:
+                self.connection.delete(PREEMPT_LOCK_KEY)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def record_preemption(job: Job, after_epoch: int) -> None:
+    """In the preempted job's horse: note who took its GPU in its meta and drop the request."""
+    request = preemption_request(job.connection, job.id) or {}
+    started = job.started_at.timestamp() if job.started_at else time.time()
+    redone_s = time.time() - max(float(job.meta.get("checkpoint_at") or 0), started)
+    entry = {
+        "by": request.get("by"),
+        "queue": request.get("queue"),
+        "requested_at": request.get("at"),
+        "at": time.time(),
+        "after_epoch": after_epoch,
+        "worker": job.worker_name,
+        "work_lost_s": round(redone_s, 1),  # trained since the checkpoint it resumes from: re-done
+    }
+    job.meta["preempted_by"] = request.get("by")
+    job.meta["preempted_after_epoch"] = after_epoch
+    job.meta["preemptions"] = [*(job.meta.get("preemptions") or []), entry]
+    job.save_meta()
+    clear_preemption(job.connection, job.id)
+    log.info("job %s: preempted by %s after epoch %d; requeued at the front", job.id, entry["by"], after_epoch)
