@@ -34,9 +34,9 @@ def _queued_owners(connection: redis.Redis) -> dict[str, list[tuple[str, str]]]:
         with connection.pipeline(transaction=False) as pipeline:
             for job_id in ids:
                 pipeline.hget(Job.key_for(job_id), "runyard_owner")
-            owners = pipeline.execute()
+            owners = pipeline.execute(raise_on_error=False)  # a record of the wrong type reads as no owner
         queued[queue.name] = [
-            (job_id, as_text(owner) if owner is not None else _meta_owner(connection, job_id))
+            (job_id, as_text(owner) if isinstance(owner, bytes) else _meta_owner(connection, job_id))
             for job_id, owner in zip(ids, owners, strict=True)
         ]
     return queued

@@ -103,6 +103,9 @@ end
 
 local function owner_of(id)
   local key = prefix .. id
+  -- A record that is not a hash (a teammate's tool wrote it) has no owner; taking it lets the
+  -- worker's fetch quarantine it instead of this script failing every dequeue.
+  if redis.call('TYPE', key).ok ~= 'hash' then return '' end
   local owner = redis.call('HGET', key, 'runyard_owner')
   if owner then return owner end
   owner = ''
