@@ -10,6 +10,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from publisher.run_index import index_run_jobs
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
 from worker.janitor import DEFAULT_MAX_REQUEUES
@@ -50,19 +51,24 @@ def publish_experiment(
     run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
     spec = spec.model_copy(update={"run_name": run_name})
     context = context if context is not None else publish_context()
-    return queue(connection, rq_queue_name(spec)).enqueue_call(
-        RUN_EXPERIMENT,
-        kwargs={"spec": spec.to_payload(), "context": context},
-        timeout=timeout_s,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
-        retry=Retry(max=retries) if retries else None,
-        description=run_name,
-        meta={
-            "run_name": run_name,
-            "spec_hash": spec.spec_hash(),
-            "model": spec.model,
-            "epochs": spec.epochs,
-            "max_requeues": max_requeues,
-        },
-    )
+    with connection.pipeline() as pipeline:
+        job = queue(connection, rq_queue_name(spec)).enqueue_call(
+            RUN_EXPERIMENT,
+            kwargs={"spec": spec.to_payload(), "context": context},
+            timeout=timeout_s,
+            result_ttl=RESULT_TTL_S,
+            failure_ttl=FAILURE_TTL_S,
+            retry=Retry(max=retries) if retries else None,
+            description=run_name,
+            meta={
+                "run_name": run_name,
+                "spec_hash": spec.spec_hash(),
+                "model": spec.model,
+                "epochs": spec.epochs,
+                "max_requeues": max_requeues,
+            },
+            pipeline=pipeline,
+        )
+        index_run_jobs(pipeline, {run_name: job.id})  # with the job, in one transaction
+        pipeline.execute()
+    return job
