@@ -20,6 +20,7 @@ from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
 from publisher.search_status import (
+    DEFAULT_LIMIT,
     collect_search_status,
     search_leaderboard,
     search_leaderboard_table,
@@ -153,10 +154,17 @@ def _eta(seconds: float | None) -> str:
 @click.command("status", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--search", "search", metavar="NAME", help="Only this search: each point's state, epoch and metric.")
-def status_command(as_json, search):
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    help="With --search: points shown in detail (running, failed, missing first); 0: all. Counts cover all.",
+)
+def status_command(as_json, search, limit):
     """Queues, running jobs with their epoch and F1, failed jobs with the reason, workers."""
     if search:
-        _search_status(search, as_json)
+        _search_status(search, as_json, limit)
         return
     status = collect_status(connect_or_fail())
     if as_json:
@@ -213,14 +221,16 @@ def status_command(as_json, search):
     )
 
 
-def _search_status(name: str, as_json: bool) -> None:
-    status = collect_search_status(connect_or_fail(), name)
+def _search_status(name: str, as_json: bool, limit: int) -> None:
+    status = collect_search_status(connect_or_fail(), name, limit)
     if status is None:
         fail(f"no search named {name!r}: `schedule-search FILE` publishes one (its name is in the file or printed)")
     if as_json:
         click.echo(json.dumps(status, indent=2, default=str))
     else:
         console().print(search_status_table(status))
+        if status["shown"] < status["points"]:
+            click.echo(f"showing {status['shown']} of {status['points']} points (--limit 0 shows all)")
 
 
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:

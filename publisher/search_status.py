@@ -20,6 +20,41 @@ from worker.results import get_search, leaderboard, run_key, search_points_key
 POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 ALL_ROWS = 100_000
+DEFAULT_LIMIT = 50
+URGENT_STATES = ("running", "failed", "missing")  # shown first when not every point fits
+STATES_CHUNK = 5000  # points per state script call: a few milliseconds of Redis each
+
+# ARGV: job key prefix, run record prefix, then (job id, run name) per point. Returns each
+# point's state as _point_state names it (a finished job is pruned when its meta says so; a job
+# RQ forgot is its run record's status, or missing).
+STATES_SCRIPT = """
+local job_prefix, run_prefix = ARGV[1], ARGV[2]
+local states = {}
+for i = 3, #ARGV, 2 do
+  local key = job_prefix .. ARGV[i]
+  local status = redis.call('HGET', key, 'status')
+  local state = 'queued'
+  if not status then
+    local record = redis.call('GET', run_prefix .. ARGV[i + 1])
+    state = 'missing'
+    if record then
+      state = cjson.decode(record).status or 'finished'
+    end
+  elseif status == 'finished' then
+    state = 'finished'
+    local meta = redis.call('HGET', key, 'meta')
+    if meta and string.find(meta, '"status": *"pruned"') then
+      state = 'pruned'
+    end
+  elseif status == 'started' then
+    state = 'running'
+  elseif status == 'failed' or status == 'stopped' or status == 'canceled' then
+    state = 'failed'
+  end
+  states[#states + 1] = state
+end
+return states
+"""
 
 
 def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -47,14 +82,37 @@ def _position(info: dict[str, Any]) -> tuple[int, int]:
     return info["index"], (fold if fold is not None else (10**6 if info["kind"] == "aggregate" else -1))
 
 
-def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] | None:
-    """Every point of search `name` with its state, epoch and metric; None if no such search."""
+def point_states(connection: redis.Redis, claims: list[dict[str, Any]]) -> list[str]:
+    """The state of each claimed point (POINT_STATES), computed in Redis a chunk at a time."""
+    script = connection.register_script(STATES_SCRIPT)
+    states: list[str] = []
+    for start in range(0, len(claims), STATES_CHUNK):
+        arguments = [Job.redis_job_namespace_prefix, run_key("")]
+        for claim in claims[start : start + STATES_CHUNK]:
+            arguments += [claim["job_id"], claim["run_name"]]
+        states += [state.decode() for state in script(args=arguments)]
+    return states
+
+
+def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAULT_LIMIT) -> dict[str, Any] | None:
+    """Search `name`'s counts per state, and up to `limit` points in detail; None if no such search.
+
+    Every point's state is counted; the detailed rows (state, epoch, metric, params) are all
+    points when there are at most `limit`, else the running, failed and missing ones first, then
+    the others in order, up to `limit` (0: every point).
+    """
     definition = get_search(connection, name)
     claims = {key.decode(): json.loads(value) for key, value in connection.hgetall(search_points_key(name)).items()}
     if definition is None and not claims:
         return None
     metric = (definition or {}).get("metric") or {"name": "val_f1", "goal": "maximize"}
     ordered = sorted(claims.items(), key=lambda item: _position(item[1]["info"]))
+    states = point_states(connection, [claim for _id, claim in ordered])
+    counts = Counter(states)
+    if limit and len(ordered) > limit:
+        urgent = [i for i, state in enumerate(states) if state in URGENT_STATES]
+        rest = [i for i, state in enumerate(states) if state not in URGENT_STATES]
+        ordered = [ordered[i] for i in sorted((urgent + rest)[:limit])]
     jobs = Job.fetch_many([claim["job_id"] for _id, claim in ordered], connection, serializer=JSONSerializer)
     raw_records = connection.mget([run_key(claim["run_name"]) for _id, claim in ordered]) if ordered else []
     rows = []
@@ -83,14 +141,14 @@ def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] 
                 "params": (record or {}).get("params") or meta.get("params") or claim["info"]["params"],
             }
         )
-    counts = Counter(row["state"] for row in rows)
     return {
         "search": name,
         "definition": definition,
         "metric": metric,
-        "points": len(rows),
+        "points": len(states),
         "counts": {state: counts.get(state, 0) for state in POINT_STATES},
         "done": counts.get("finished", 0) + counts.get("pruned", 0),
+        "shown": len(rows),
         "rows": rows,
     }
 
