@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from worker.results import get_search, leaderboard, run_key, search_points_key
+from worker.search_stop import search_stopped
 
 POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
@@ -149,6 +150,7 @@ def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAU
         "counts": {state: counts.get(state, 0) for state in POINT_STATES},
         "done": counts.get("finished", 0) + counts.get("pruned", 0),
         "shown": len(rows),
+        "stopped": search_stopped(connection, name),
         "rows": rows,
     }
 
@@ -170,7 +172,9 @@ def search_status_table(status: dict[str, Any]) -> Table:
     """The points of a search with state, epoch and metric: what `runyard status --search` prints."""
     counts = ", ".join(f"{count} {state}" for state, count in status["counts"].items() if count)
     method = (status["definition"] or {}).get("method", "?")
-    table = Table(title=f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}")
+    title = f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}"
+    stopped = status.get("stopped")
+    table = Table(title=title, caption=f"STOPPED: {stopped['reason']}" if stopped else None)
     parameters = _parameter_names(status["definition"], status["rows"])
     for column in ("#", "run", "state", "epoch", status["metric"]["name"], *parameters, "note"):
         table.add_column(column, justify="right" if column in ("#", "epoch") else "left", overflow="fold")

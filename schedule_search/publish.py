@@ -37,6 +37,7 @@ from schedule_search.search import Search
 from trainer.spec import ExperimentSpec
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
 from worker.results import PREFIX, RUN_NAMES_KEY, get_search, search_key, search_points_key
+from worker.search_stop import clear_stop
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
@@ -213,6 +214,7 @@ def publish_search(
     if not dry_run:
         check_definition(connection, search)
         connection.set(search_key(search.name), json.dumps(search.definition()))
+        clear_stop(connection, search.name)  # published again, presumably with the data fixed
     context = context if context is not None else publish_context()
     folds: dict[str, dict[str, Any]] = {}  # fold point id -> its claim, for its set's aggregate
     aggregates: list[tuple[Point, dict[str, Any]]] = []
