@@ -42,8 +42,8 @@ from worker.search_stop import clear_stop
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
 # Points per claim script call and per enqueue transaction: each holds Redis a few milliseconds
-# (cpu-2: ~20 ms for 2,000 points), never the seconds one call for 100,000 points took.
-CHUNK = 2000
+# (cpu-2 under load: ~10 ms for 500 points), never the seconds one call for 100,000 points took.
+CHUNK = 500
 RETRIED_STATUSES = ("failed", "stopped", "canceled")
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
