@@ -197,6 +197,8 @@ def measure_fleet(tree: Path, url: str, work: Path, workers: int, window: float)
     """Commands per second of `workers` idle real workers, over `window` seconds after they settle."""
     connection = redis.Redis.from_url(url)
     connection.flushall()
+    # The queues a Redis that has seen publishing lists (each janitor sweep reads each of them).
+    connection.sadd("rq:queues", "rq:queue:high", "rq:queue:default", "rq:queue:low")
     env = tree_env(tree, url, work / "home")
     processes = []
     for index in range(workers):
@@ -242,17 +244,25 @@ def measure_fleet(tree: Path, url: str, work: Path, workers: int, window: float)
 
 
 def fit_fleet(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Least-squares a*W + b*W^2 through the measured fleet, and its value at 100 and 400 workers."""
+    """Least-squares c + a*W + b*W^2 through the measured fleet, and its value at 100 and 400 workers.
+
+    c is what one fleet costs whatever its size (RQ's scheduler: one lock holder), a what each
+    worker adds (its heartbeats, its RQ worker, its janitor's lease call), b what grows with W^2
+    (every worker's janitor reading every worker's heartbeat).
+    """
     import numpy as np
 
     sizes = np.array([row["workers"] for row in rows], dtype=float)
     rates = np.array([row["commands_per_s"] for row in rows], dtype=float)
-    (a, b), *_ = np.linalg.lstsq(np.stack([sizes, sizes**2], axis=1), rates, rcond=None)
+    columns = [np.ones_like(sizes), sizes, sizes**2] if len(rows) >= 3 else [sizes, sizes**2]
+    coefficients, *_ = np.linalg.lstsq(np.stack(columns, axis=1), rates, rcond=None)
+    c, a, b = coefficients if len(rows) >= 3 else (0.0, *coefficients)
     return {
+        "c": round(float(c), 2),
         "a_per_worker": round(float(a), 3),
         "b_per_worker_squared": round(float(b), 4),
-        "model_100": round(float(a * 100 + b * 100**2)),
-        "model_400": round(float(a * 400 + b * 400**2)),
+        "model_100": round(float(c + a * 100 + b * 100**2)),
+        "model_400": round(float(c + a * 400 + b * 400**2)),
     }
 
 
@@ -316,7 +326,7 @@ def report_text(results: dict[str, Any]) -> str:
         if "fleet_model" in found:
             model = found["fleet_model"]
             lines.append(
-                f"model a*W + b*W^2: a={model['a_per_worker']}, b={model['b_per_worker_squared']}: "
+                f"model c + a*W + b*W^2: c={model['c']}, a={model['a_per_worker']}, b={model['b_per_worker_squared']}: "
                 f"100 workers {model['model_100']} commands/s, 400 workers {model['model_400']} commands/s"
             )
     return "\n".join(lines)
