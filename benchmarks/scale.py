@@ -137,14 +137,18 @@ def write_grid(path: Path, name: str, points: int, data_dir: Path) -> None:
     )
 
 
-def slowlog(connection: redis.Redis) -> dict[str, float]:
-    """The longest command since the last reset, and the longest claim script call (ms)."""
+def slowlog(connection: redis.Redis) -> dict[str, Any]:
+    """The longest command since the last reset (ms, and its name), and the longest script call."""
     entries = connection.slowlog_get(200000)
-    longest = max((entry["duration"] for entry in entries), default=0)
+    longest = max(entries, key=lambda entry: entry["duration"], default={"duration": 0, "command": b"-"})
     scripts = [
         entry["duration"] for entry in entries if entry["command"].split(b" ")[0].upper() in (b"EVALSHA", b"EVAL")
     ]
-    return {"slowlog_max_ms": round(longest / 1000, 1), "script_max_ms": round(max(scripts, default=0) / 1000, 1)}
+    return {
+        "slowlog_max_ms": round(longest["duration"] / 1000, 1),
+        "slowlog_max_command": longest["command"].split(b" ")[0].decode(errors="replace"),
+        "script_max_ms": round(max(scripts, default=0) / 1000, 1),
+    }
 
 
 def commands_processed(connection: redis.Redis) -> int:
@@ -171,6 +175,7 @@ def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) 
     row["queued"] = queued
     figures = f"{row['publish_s']} s, peak {row['publish_peak_mb']} MB, {queued} queued"
     log(f"  publish {points}: {figures}, slowlog max {row['publish_slowlog_max_ms']} ms")
+    log(f"    ({row['publish_slowlog_max_command']}; claim script calls at most {row['publish_script_max_ms']} ms)")
 
     connection.slowlog_reset()
     status = run_measured(cli(RUNYARD, "status", "--search", name, "--json"), env, timeout)
