@@ -156,8 +156,8 @@ def commands_processed(connection: redis.Redis) -> int:
 
 
 def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) -> dict[str, Any]:
-    connection = redis.Redis.from_url(url)
-    connection.flushall()
+    connection = redis.Redis.from_url(url, socket_timeout=300)
+    connection.flushall(asynchronous=True)
     home = work / "home"
     env = tree_env(tree, url, home)
     name = f"s{points}"
@@ -200,8 +200,8 @@ def commandstats(connection: redis.Redis) -> dict[str, int]:
 
 def measure_fleet(tree: Path, url: str, work: Path, workers: int, window: float) -> dict[str, Any]:
     """Commands per second of `workers` idle real workers, over `window` seconds after they settle."""
-    connection = redis.Redis.from_url(url)
-    connection.flushall()
+    connection = redis.Redis.from_url(url, socket_timeout=300)
+    connection.flushall(asynchronous=True)
     # The queues a Redis that has seen publishing lists (each janitor sweep reads each of them).
     connection.sadd("rq:queues", "rq:queue:high", "rq:queue:default", "rq:queue:low")
     env = tree_env(tree, url, work / "home")
