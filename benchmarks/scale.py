@@ -1,7 +1,8 @@
 """Scale: what publishing, status, cancel and the janitor fleet cost as work grows (issue 16).
 
 Each size runs on a private redis-server with AOF on (appendfsync everysec), emptied first:
-  - `schedule-search FILE --json` of a grid of N points: wall time, the publisher's peak RSS
+  - publishing a grid of N points (what `schedule-search FILE` calls: load_search, then
+    publish_search, in a process of its own): wall time, the publisher's peak RSS
     (the process's own, from wait4), and Redis's SLOWLOG maximum (every command is logged):
     the longest the server was blocked by one command, and by one claim script call;
   - `runyard status --search NAME --json` on those N queued points;
@@ -86,8 +87,38 @@ def cli(module_call: str, *args: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; {module_call}", *args]
 
 
-SCHEDULE_SEARCH = "from schedule_search.cli import schedule_search_command as c; c(prog_name='schedule-search')"
 RUNYARD = "from runyard.cli import main; sys.exit(main())"
+
+# The same calls timed inside the process, imports excluded (on a busy 2-core box importing the
+# CLI alone takes seconds of wall time): wall and CPU seconds of the call. The functions named
+# exist with these signatures on main too.
+TIMED = """
+import json, os, sys, time
+import redis
+connection = redis.Redis.from_url(os.environ["REDIS_URL"])
+what, argument = sys.argv[1], sys.argv[2]
+if what == "publish":
+    from schedule_search.publish import publish_search
+    from schedule_search.search import load_search
+    call = lambda: publish_search(connection, load_search(argument))
+elif what == "status":
+    from publisher.search_status import collect_search_status
+    call = lambda: collect_search_status(connection, argument)
+else:
+    from publisher.cancel import cancel_job, find_jobs
+    call = lambda: [cancel_job(connection, job) for job in find_jobs(connection, [argument])]
+wall, cpu = time.perf_counter(), time.process_time()
+call()
+print(json.dumps({"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}))
+"""
+
+
+def timed_call(what: str, argument: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Wall and CPU seconds of one publish, status or cancel call, run in the tree."""
+    measured = run_measured([sys.executable, "-c", TIMED, what, argument], env, timeout)
+    if measured.get("rc") != 0:
+        return {"wall_s": None, "cpu_s": None}
+    return json.loads(measured["stdout"].splitlines()[-1])
 
 
 def run_measured(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -115,13 +146,20 @@ def peak_rss_mb(command: list[str], env: dict[str, str], timeout: float) -> dict
         "out, err = p.communicate()\n"
         "import resource\n"
         "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-        "sys.stdout.write(json.dumps({'peak_mb': round(peak), 'rc': p.returncode, 'err': err.decode()[-2000:]}))\n"
+        "report = {'peak_mb': round(peak), 'rc': p.returncode, 'err': err.decode()[-2000:], 'out': out.decode()}\n"
+        "sys.stdout.write(json.dumps(report))\n"
     )
     measured = run_measured([sys.executable, "-c", wrapper, *command], env, timeout)
     if measured.get("timed_out"):
         return measured
     inner = json.loads(measured["stdout"])
-    return {"seconds": measured["seconds"], "peak_mb": inner["peak_mb"], "rc": inner["rc"], "stderr": inner["err"]}
+    return {
+        "seconds": measured["seconds"],
+        "peak_mb": inner["peak_mb"],
+        "rc": inner["rc"],
+        "stderr": inner["err"],
+        "stdout": inner["out"],
+    }
 
 
 def write_grid(path: Path, name: str, points: int, data_dir: Path) -> None:
@@ -166,14 +204,18 @@ def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) 
     row: dict[str, Any] = {"points": points}
 
     connection.slowlog_reset()
-    published = peak_rss_mb(cli(SCHEDULE_SEARCH, str(search_file), "--json"), env, timeout)
+    # The call schedule-search makes (expand, validate, publish), timed inside its process.
+    published = peak_rss_mb([sys.executable, "-c", TIMED, "publish", str(search_file)], env, timeout)
     row["publish_s"], row["publish_peak_mb"] = published["seconds"], published["peak_mb"]
     if published.get("rc") not in (0, None):
         row["publish_error"] = published["stderr"][-500:]
+    timed = json.loads(published["stdout"].splitlines()[-1]) if published.get("rc") == 0 else {}
+    row["publish_call_wall_s"], row["publish_call_cpu_s"] = timed.get("wall_s"), timed.get("cpu_s")
     row |= {f"publish_{key}": value for key, value in slowlog(connection).items()}
     queued = sum(connection.llen(key) for key in connection.scan_iter("rq:queue:*"))
     row["queued"] = queued
-    figures = f"{row['publish_s']} s, peak {row['publish_peak_mb']} MB, {queued} queued"
+    figures = f"{row['publish_s']} s (the call {row['publish_call_wall_s']} s, {row['publish_call_cpu_s']} CPU s)"
+    figures += f", peak {row['publish_peak_mb']} MB, {queued} queued"
     log(f"  publish {points}: {figures}, slowlog max {row['publish_slowlog_max_ms']} ms")
     log(f"    ({row['publish_slowlog_max_command']}; claim script calls at most {row['publish_script_max_ms']} ms)")
 
@@ -181,7 +223,9 @@ def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) 
     status = run_measured(cli(RUNYARD, "status", "--search", name, "--json"), env, timeout)
     row["status_s"] = status["seconds"]
     row["status_slowlog_max_ms"] = slowlog(connection)["slowlog_max_ms"]
-    log(f"  status --search: {row['status_s']} s")
+    row |= {f"status_call_{key}": value for key, value in timed_call("status", name, env, timeout).items()}
+    call = f"{row['status_call_wall_s']} s ({row['status_call_cpu_s']} CPU s)"
+    log(f"  status --search: {row['status_s']} s; the call {call}")
 
     last = f"{name}-{points:0{max(3, len(str(points)))}d}"
     before = commands_processed(connection)
@@ -191,6 +235,9 @@ def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) 
     row["cancel_commands"] = commands_processed(connection) - before - 1
     row["cancel_ok"] = cancelled.get("rc") == 0 and last in (cancelled.get("stdout") or "")
     log(f"  cancel {last}: {row['cancel_s']} s, {row['cancel_commands']} commands, ok={row['cancel_ok']}")
+    before_last = f"{name}-{points - 1:0{max(3, len(str(points)))}d}"
+    row |= {f"cancel_call_{key}": value for key, value in timed_call("cancel", before_last, env, timeout).items()}
+    log(f"  cancel call ({before_last}): {row['cancel_call_wall_s']} s ({row['cancel_call_cpu_s']} CPU s)")
     return row
 
 
@@ -286,6 +333,7 @@ def main() -> int:
     fleet = [int(count) for count in args.fleet.split(",") if count]
     trees = {"after": ROOT} | ({"before": args.before.resolve()} if args.before else {})
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the redis-server
     work = Path(tempfile.mkdtemp(prefix="runyard-scale-"))
     (work / "data").mkdir()
     server, url = start_redis(work)
@@ -316,14 +364,18 @@ def report_text(results: dict[str, Any]) -> str:
     for label, found in results["trees"].items():
         lines.append(f"== {label}")
         lines.append(
-            "| points | publish s | publisher peak MB | slowlog max ms | claim call max ms | status --search s "
-            "| cancel RUN_NAME s | cancel commands |"
+            "| points | publish s (call; CPU) | publisher peak MB | slowlog max ms | claim call max ms "
+            "| status --search s (call; CPU) | cancel RUN_NAME s (call; CPU) | cancel commands |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
         for row in found["sizes"]:
-            publish = f"{row['publish_s']} | {row['publish_peak_mb']} | {row['publish_slowlog_max_ms']}"
-            rest = f"{row['publish_script_max_ms']} | {row['status_s']} | {row['cancel_s']} | {row['cancel_commands']}"
-            lines.append(f"| {row['points']:,} | {publish} | {rest} |")
+            publish = f"{row['publish_s']} ({row['publish_call_wall_s']}; {row['publish_call_cpu_s']})"
+            status = f"{row['status_s']} ({row['status_call_wall_s']}; {row['status_call_cpu_s']})"
+            cancel = f"{row['cancel_s']} ({row['cancel_call_wall_s']}; {row['cancel_call_cpu_s']})"
+            redis_side = f"{row['publish_peak_mb']} | {row['publish_slowlog_max_ms']} | {row['publish_script_max_ms']}"
+            lines.append(
+                f"| {row['points']:,} | {publish} | {redis_side} | {status} | {cancel} | {row['cancel_commands']} |"
+            )
         for row in found["fleet"]:
             lines.append(
                 f"fleet of {row['workers']} idle workers: {row['commands_per_s']} commands/s {row['top_commands']}"
