@@ -325,13 +325,15 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=30, help="seconds each fleet is measured")
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (e.g. main)")
     parser.add_argument("--before-sizes", help="sizes for the 'before' tree (default: --sizes)")
+    parser.add_argument("--skip-after", action="store_true", help="measure only the --before tree")
     parser.add_argument("--timeout", type=float, default=300, help="seconds any one command may take")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size]
     before_sizes = [int(size) for size in (args.before_sizes or args.sizes).split(",") if size]
     fleet = [int(count) for count in args.fleet.split(",") if count]
-    trees = {"after": ROOT} | ({"before": args.before.resolve()} if args.before else {})
+    trees = {} if args.skip_after else {"after": ROOT}
+    trees |= {"before": args.before.resolve()} if args.before else {}
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the redis-server
     work = Path(tempfile.mkdtemp(prefix="runyard-scale-"))
