@@ -13,10 +13,15 @@ Measured in one run, in this order:
   (d) the data pipeline alone, in one process: seconds to load (decode, or read the cache) and to
       augment one epoch's batches, epoch 1 against epoch 2;
   (e) decoding alone: PIL against torchvision's decode_image (libjpeg-turbo), each with the resize.
+  (f) drift: a small batch (test_resnet at 64x48, batch 4, no image cache, one torch thread) for
+      8+ epochs: the last epoch's img/s over the second's. Denormal floats made CPU training slow
+      down epoch after epoch (issue 16); `--denormals keep` turns the trainer's flush off to show it.
 Goals (issue 6): c/a >= 0.9 from epoch 2 on; c/b >= 3; epoch-2 data time >= 5x less than epoch 1.
+Goal (issue 16): last epoch / second epoch >= 0.95 for (c) and (f).
 
     python benchmarks/throughput.py --data-dir /tmp/demo-512 --json         # CPU: test_efficientnet
     python benchmarks/throughput.py --preset gpu --data-dir /tmp/demo-512   # CUDA: efficientnet_b2
+    python benchmarks/throughput.py --only-drift --drift-batch 1 --data-dir /tmp/demo-512   # (f) alone
 
 The data dir is generated (`runyard make-demo-data DIR --image-size 512x384`) when it has no
 train/train.csv. W&B is off; runs go to a temporary directory.
@@ -54,15 +59,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model, size, batch, AMP, device")
     parser.add_argument("--data-dir", type=Path, help="demo data at 512x384 (generated when missing)")
-    parser.add_argument("--epochs", type=int, default=3, help="trainer epochs for (c), at least 2")
+    parser.add_argument("--epochs", type=int, default=8, help="trainer epochs for (c), at least 2")
+    parser.add_argument("--drift-epochs", type=int, default=8, help="epochs of the small-batch run (f), at least 2")
+    parser.add_argument("--drift-batch", type=int, default=4, help="batch size of (f)")
+    parser.add_argument("--denormals", choices=["flush", "keep"], default="flush", help="keep: undo the flush in (f)")
+    parser.add_argument("--only-drift", action="store_true", help="run (f) alone")
     parser.add_argument("--model-steps", type=int, default=20, help="timed steps for (a)")
     parser.add_argument("--seed-batches", type=int, default=12, help="timed batches for (b)")
     parser.add_argument("--decode-images", type=int, default=150, help="images timed for (e)")
     parser.add_argument("--augmentation", default="imgaug", help="runyard recipe; (b) always runs the seed's")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2 (epoch 2+ is what reads the cache)")
+    if args.epochs < 2 or args.drift_epochs < 2:
+        parser.error("--epochs and --drift-epochs must be at least 2 (epoch 2+ is what reads the cache)")
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
@@ -94,6 +103,10 @@ def main() -> int:
         }
     )
     os.environ["RUNYARD_HOME"] = str(work / "home")
+    if args.only_drift:
+        drift = measure_drift(spec, args, torch)
+        print(json.dumps(drift, indent=2) if args.json else drift_text(drift))
+        return 0
 
     trainer = Trainer(spec.model_copy(update={"run_name": "throughput"}))
     setup = {
@@ -147,6 +160,9 @@ def main() -> int:
     log("(e) decode + resize: PIL against torchvision ...")
     decoding = measure_decoders(trainer, args.decode_images)
 
+    log(f"(f) drift: small batch for {args.drift_epochs} epochs ...")
+    drift = measure_drift(spec, args, torch)
+
     limit = statistics.median(model_bound)
     results = {
         "setup": setup,
@@ -160,11 +176,86 @@ def main() -> int:
         "ratio_c2_over_a": round(epoch_2_plus / limit, 3),
         "ratio_c1_over_a": round(epochs[0]["img_s"] / limit, 3),
         "ratio_c2_over_b": round(epoch_2_plus / seed_style, 2),
+        "ratio_c_last_over_second": round(epochs[-1]["img_s"] / epochs[1]["img_s"], 3),
+        "f_drift": drift,
         "d_pipeline": pipeline,
         "e_decode_img_s": decoding,
     }
     print(json.dumps(results, indent=2) if args.json else report_text(results))
     return 0
+
+
+def measure_drift(spec, args, torch) -> dict[str, Any]:
+    """(f): img/s of each epoch of a small-batch CPU run, and the last epoch's over the second's."""
+    from trainer.train import Trainer
+
+    small = spec.model_copy(
+        update={
+            "model": "test_resnet",
+            "resize": (64, 48),
+            "batch_size": args.drift_batch,
+            "epochs": args.drift_epochs,
+            "image_cache": "none",
+            "amp": False,
+            "device": "cpu",
+            "run_name": "drift",
+        }
+    )
+    threads = torch.get_num_threads()
+    trainer = Trainer(small)
+    torch.set_num_threads(1)
+    if args.denormals == "keep":
+        torch.set_flush_denormal(False)
+    rates: list[float] = []
+    # Images per CPU-second of this process (training and evaluating): on a shared box the wall
+    # clock also measures the neighbours; the CPU time is what denormals inflate.
+    cpu_rates: list[float] = []
+    cpu_before = [time.process_time()]
+
+    def after_epoch(report) -> None:
+        rates.append(usable_images(trainer) / report.train_seconds)
+        cpu_now = time.process_time()
+        cpu_rates.append(usable_images(trainer) / (cpu_now - cpu_before[0]))
+        cpu_before[0] = cpu_now
+        log(
+            f"    (f) epoch {report.epoch}: {rates[-1]:.1f} img/s ({report.train_seconds:.1f} s), "
+            f"{cpu_rates[-1]:.1f} img per CPU-second"
+        )
+
+    try:
+        trainer.fit(on_epoch=after_epoch)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+    return {
+        "model": small.model,
+        "image_size": list(small.resize),
+        "batch_size": small.batch_size,
+        "image_cache": small.image_cache,
+        "torch_threads": 1,
+        "denormals": args.denormals,
+        "train_images": len(trainer.train_loader.dataset),
+        "epochs_img_s": [round(rate, 1) for rate in rates],
+        "ratio_last_over_second": round(rates[-1] / rates[1], 3),
+        "epochs_img_per_cpu_s": [round(rate, 1) for rate in cpu_rates],
+        "cpu_ratio_last_over_second": round(cpu_rates[-1] / cpu_rates[1], 3),
+        "machine": machine(torch, trainer.device),
+    }
+
+
+def drift_text(drift: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"(f) drift: {drift['model']} at {drift['image_size'][0]}x{drift['image_size'][1]}, "
+            f"batch {drift['batch_size']}, image_cache {drift['image_cache']}, {drift['torch_threads']} thread, "
+            f"{drift['train_images']} training images, denormals {drift['denormals']}",
+            f"    img/s by epoch: {', '.join(str(rate) for rate in drift['epochs_img_s'])}",
+            f"    last / second = {drift['ratio_last_over_second']:.3f}   (goal >= 0.95)",
+            f"    img per CPU-second by epoch: {', '.join(str(rate) for rate in drift['epochs_img_per_cpu_s'])}",
+            f"    last / second (CPU time) = {drift['cpu_ratio_last_over_second']:.3f}   (goal >= 0.95)",
+            f"    machine: {json.dumps(drift['machine'])}",
+        ]
+    )
 
 
 def usable_images(trainer) -> int:
@@ -399,6 +490,8 @@ def report_text(results: dict[str, Any]) -> str:
         f"load + augment = {pipeline['data_ratio_1_over_2']:.2f}x   (goal >= 5x)",
         f"(e) decode + resize, one thread: PIL {decoding['pil']:.1f} img/s, "
         f"torchvision {decoding['torchvision']:.1f} img/s ({decoding['torchvision_over_pil']:.2f}x)",
+        f"(c) last epoch / second = {results['ratio_c_last_over_second']:.3f}   (goal >= 0.95)",
+        drift_text(results["f_drift"]),
         f"machine: {json.dumps(results['machine'])}",
     ]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ FailureReason = Literal[
     "cancelled",  # `runyard cancel`
     "code_error",  # an exception in runyard or the libraries it calls
     "fold_failed",  # a k-fold aggregate whose folds did not all finish
+    "search_stopped",  # its search stopped after repeated identical data errors (worker.search_stop)
 ]
 FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
 FAILURE_MESSAGE_LENGTH = 2000

@@ -13,6 +13,9 @@ RUN_NAMES_KEY = f"{PREFIX}:run-names"  # set: every run name ever reserved (each
 REFUSED_KEY = f"{PREFIX}:refused"  # list: the last refused jobs; `REFUSED_KEY:<job id>` keeps the record
 RUN_KEY_PREFIX = f"{PREFIX}:run:"  # + run name: the finished run's JSON summary (also used by Lua)
 
+RUN_JOBS_KEY = f"{PREFIX}:run-jobs"  # hash: run name -> its job id (cancel by name without a scan)
+JANITOR_LEASE_KEY = f"{PREFIX}:janitor:lease"  # the one janitor that sweeps the fleet now (SET NX PX)
+
 # Sharing the workers (worker.fair_share, worker.quotas, worker.preemption)
 QUOTA_KEY = f"{PREFIX}:quota"  # hash: owner -> concurrent GPU cap
 USAGE_KEY = f"{PREFIX}:fairshare:usage"  # hash: owner -> decayed GPU seconds, as of USAGE_AT_KEY
@@ -38,6 +41,16 @@ def search_key(search: str) -> str:
 def search_leaderboard_key(search: str) -> str:
     """Sorted set of a search's runs by their search score."""
     return f"{PREFIX}:search:{search}:leaderboard"
+
+
+def search_data_errors_key(search: str) -> str:
+    """Hash of data error message -> how many of the search's points failed with it (worker.search_stop)."""
+    return f"{search_key(search)}:data-errors"
+
+
+def search_stopped_key(search: str) -> str:
+    """The stop record (JSON: reason, at) of a search stopped after repeated identical data errors."""
+    return f"{search_key(search)}:stopped"
 
 
 def search_points_key(search: str) -> str:

@@ -3,7 +3,8 @@
 A running job is asked through a flag in Redis (worker.control), checked by its trainer after
 every optimizer step; it then ends as `canceled` with failure_reason `cancelled` and keeps its
 checkpoint. `force` also sends RQ's stop-job command, which kills the work horse at once.
-Jobs of a search are the ones whose meta["search"] names it.
+A run name is found through the run index (publisher.run_index); jobs of a search are the ones
+whose meta["search"] names it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta, set_failure
+from publisher.run_index import index_exists, job_ids_for_runs
 from worker.control import request_cancel
 
 # States a job can be cancelled in; finished, failed and already cancelled jobs are left alone.
@@ -57,7 +59,28 @@ def active_jobs(connection: redis.Redis) -> list[Job]:
 
 
 def find_jobs(connection: redis.Redis, names: list[str] = (), search: str | None = None) -> list[Job]:
-    """Active jobs whose id or run name is in `names`, or whose meta["search"] is `search`."""
+    """Active jobs whose id or run name is in `names`, or whose meta["search"] is `search`.
+
+    Run names are looked up in the run index: a few commands per name, however many jobs the
+    queues hold. A search, and names on a Redis that no publisher with the index wrote to, are
+    found by a scan of every job on every queue.
+    """
+    if search is not None or not index_exists(connection):
+        return _scan_jobs(connection, names, search)
+    wanted = list(dict.fromkeys(names))
+    indexed = job_ids_for_runs(connection, wanted)
+    jobs = []
+    for job_id in dict.fromkeys(indexed.get(name, name) for name in wanted):  # a name the index lacks may be a job id
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except Exception:  # not a job id, expired, or a record no runyard tool wrote
+            continue
+        if job.get_status(refresh=False) in ACTIVE_STATES:
+            jobs.append(job)
+    return jobs
+
+
+def _scan_jobs(connection: redis.Redis, names: list[str], search: str | None) -> list[Job]:
     wanted = set(names)
     return [
         job

@@ -22,6 +22,7 @@ from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_context, publish_experiment, rq_queue_name
 from publisher.search_status import (
+    DEFAULT_LIMIT,
     collect_search_status,
     search_leaderboard,
     search_leaderboard_table,
@@ -240,14 +241,21 @@ def _eta(seconds: float | None) -> str:
 @click.command("status", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--search", "search", metavar="NAME", help="Only this search: each point's state, epoch and metric.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    help="With --search: points shown in detail (running, failed, missing first); 0: all. Counts cover all.",
+)
 @click.option("--owners", is_flag=True, help="Per owner: running, queued, GPU hours in the window, share, quota.")
 @click.option(
     "--window", "window_h", type=click.FloatRange(min=0.01), default=24, show_default=True, help="Hours for --owners."
 )
-def status_command(as_json, search, owners, window_h):
+def status_command(as_json, search, limit, owners, window_h):
     """Queues, running and queued jobs (with why they wait), failed jobs with the reason, workers."""
     if search:
-        _search_status(search, as_json)
+        _search_status(search, as_json, limit)
         return
     if owners:
         print_owner_status(connect_or_fail(), window_h * 3600, as_json, console())
@@ -321,14 +329,16 @@ def status_command(as_json, search, owners, window_h):
     )
 
 
-def _search_status(name: str, as_json: bool) -> None:
-    status = collect_search_status(connect_or_fail(), name)
+def _search_status(name: str, as_json: bool, limit: int) -> None:
+    status = collect_search_status(connect_or_fail(), name, limit)
     if status is None:
         fail(f"no search named {name!r}: `schedule-search FILE` publishes one (its name is in the file or printed)")
     if as_json:
         click.echo(json.dumps(status, indent=2, default=str))
     else:
         console().print(search_status_table(status))
+        if status["shown"] < status["points"]:
+            click.echo(f"showing {status['shown']} of {status['points']} points (--limit 0 shows all)")
 
 
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:

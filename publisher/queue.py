@@ -12,6 +12,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, update_job_meta
+from publisher.run_index import index_run_jobs
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
 from worker.fair_share import job_owner
@@ -104,16 +105,21 @@ def publish_experiment(
     run_name = reserve_run_name(connection, spec.run_name or spec.default_run_name())
     spec = spec.model_copy(update={"run_name": run_name})
     context = context if context is not None else publish_context()
-    return queue(connection, rq_queue_name(spec)).enqueue_call(
-        RUN_EXPERIMENT,
-        kwargs={"spec": spec.to_payload(), "context": context},
-        **job_options(
-            spec,
-            run_name,
-            retries=retries,
-            timeout_s=timeout_s,
-            max_requeues=max_requeues,
-            owner=job_owner(context),
-            preemptible=preemptible,
-        ),
-    )
+    with connection.pipeline() as pipeline:
+        job = queue(connection, rq_queue_name(spec)).enqueue_call(
+            RUN_EXPERIMENT,
+            kwargs={"spec": spec.to_payload(), "context": context},
+            **job_options(
+                spec,
+                run_name,
+                retries=retries,
+                timeout_s=timeout_s,
+                max_requeues=max_requeues,
+                owner=job_owner(context),
+                preemptible=preemptible,
+            ),
+            pipeline=pipeline,
+        )
+        index_run_jobs(pipeline, {run_name: job.id})  # with the job, in one transaction
+        pipeline.execute()
+    return job

@@ -18,10 +18,55 @@ from rq.serializers import JSONSerializer
 from contracts.job_meta import read_job_meta
 from contracts.keys import run_key, search_points_key
 from worker.results import get_search, leaderboard
+from worker.search_stop import search_stopped
 
 POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 ALL_ROWS = 100_000
+DEFAULT_LIMIT = 50
+URGENT_STATES = ("running", "failed", "missing")  # shown first when not every point fits
+SCAN_COUNT = 2000  # points per state script call: a few milliseconds of Redis each
+
+# One step of a scan of a search's points hash, each point's state computed in Redis (as
+# _point_state names it: a finished job is pruned when its meta says so; a job RQ forgot is its
+# run record's status, or missing). KEYS: points hash. ARGV: cursor, count, job key prefix, run
+# record prefix. Returns the next cursor, then "state|index|fold position|point id" per point.
+STATES_SCRIPT = """
+local job_prefix, run_prefix = ARGV[3], ARGV[4]
+local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local out = {reply[1]}
+local items = reply[2]
+for i = 1, #items, 2 do
+  local claim = cjson.decode(items[i + 1])
+  local key = job_prefix .. claim.job_id
+  local status = redis.call('HGET', key, 'status')
+  local state = 'queued'
+  if not status then
+    local record = redis.call('GET', run_prefix .. claim.run_name)
+    state = 'missing'
+    if record then
+      state = cjson.decode(record).status or 'finished'
+    end
+  elseif status == 'finished' then
+    state = 'finished'
+    local meta = redis.call('HGET', key, 'meta')
+    if meta and string.find(meta, '"status": *"pruned"') then
+      state = 'pruned'
+    end
+  elseif status == 'started' then
+    state = 'running'
+  elseif status == 'failed' or status == 'stopped' or status == 'canceled' then
+    state = 'failed'
+  end
+  local info = claim.info
+  local fold = info.fold
+  if fold == nil or fold == cjson.null then
+    fold = info.kind == 'aggregate' and 1000000 or -1
+  end
+  out[#out + 1] = state .. '|' .. info.index .. '|' .. fold .. '|' .. items[i]
+end
+return out
+"""
 
 
 def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -43,20 +88,43 @@ def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, s
     return "queued", None
 
 
-def _position(info: dict[str, Any]) -> tuple[int, int]:
-    """A point's place in tables: by index; a k-fold set's folds in order, then its aggregate."""
-    fold = info.get("fold")
-    return info["index"], (fold if fold is not None else (10**6 if info["kind"] == "aggregate" else -1))
+def point_states(connection: redis.Redis, name: str) -> dict[str, tuple[str, tuple[int, int]]]:
+    """Point id -> (state, table position) of every point of search `name`, scanned in Redis."""
+    script = connection.register_script(STATES_SCRIPT)
+    found: dict[str, tuple[str, tuple[int, int]]] = {}
+    cursor = "0"
+    arguments = [SCAN_COUNT, Job.redis_job_namespace_prefix, run_key("")]
+    while True:
+        reply = script(keys=[search_points_key(name)], args=[cursor, *arguments])
+        for item in reply[1:]:
+            state, index, fold, point_id = item.decode().split("|", 3)
+            found[point_id] = (state, (int(float(index)), int(float(fold))))
+        cursor = reply[0].decode()
+        if cursor == "0":
+            return found
 
 
-def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] | None:
-    """Every point of search `name` with its state, epoch and metric; None if no such search."""
+def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAULT_LIMIT) -> dict[str, Any] | None:
+    """Search `name`'s counts per state, and up to `limit` points in detail; None if no such search.
+
+    Every point's state is counted (in Redis); the detailed rows (state, epoch, metric, params)
+    are all points when there are at most `limit`, else the running, failed and missing ones
+    first, then the others in order, up to `limit` (0: every point). Only those are read here.
+    """
     definition = get_search(connection, name)
-    claims = {key.decode(): json.loads(value) for key, value in connection.hgetall(search_points_key(name)).items()}
-    if definition is None and not claims:
+    states = point_states(connection, name)
+    if definition is None and not states:
         return None
     metric = (definition or {}).get("metric") or {"name": "val_f1", "goal": "maximize"}
-    ordered = sorted(claims.items(), key=lambda item: _position(item[1]["info"]))
+    ordered_ids = sorted(states, key=lambda point_id: states[point_id][1])
+    counts = Counter(state for state, _position in states.values())
+    if limit and len(ordered_ids) > limit:
+        urgent = [point_id for point_id in ordered_ids if states[point_id][0] in URGENT_STATES]
+        rest = [point_id for point_id in ordered_ids if states[point_id][0] not in URGENT_STATES]
+        chosen = set((urgent + rest)[:limit])
+        ordered_ids = [point_id for point_id in ordered_ids if point_id in chosen]
+    raw_claims = connection.hmget(search_points_key(name), ordered_ids) if ordered_ids else []
+    ordered = [(point_id, json.loads(raw)) for point_id, raw in zip(ordered_ids, raw_claims, strict=True) if raw]
     jobs = Job.fetch_many([claim["job_id"] for _id, claim in ordered], connection, serializer=JSONSerializer)
     raw_records = connection.mget([run_key(claim["run_name"]) for _id, claim in ordered]) if ordered else []
     rows = []
@@ -85,14 +153,15 @@ def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] 
                 "params": (record or {}).get("params") or meta.get("params") or claim["info"]["params"],
             }
         )
-    counts = Counter(row["state"] for row in rows)
     return {
         "search": name,
         "definition": definition,
         "metric": metric,
-        "points": len(rows),
+        "points": len(states),
         "counts": {state: counts.get(state, 0) for state in POINT_STATES},
         "done": counts.get("finished", 0) + counts.get("pruned", 0),
+        "shown": len(rows),
+        "stopped": search_stopped(connection, name),
         "rows": rows,
     }
 
@@ -114,7 +183,9 @@ def search_status_table(status: dict[str, Any]) -> Table:
     """The points of a search with state, epoch and metric: what `runyard status --search` prints."""
     counts = ", ".join(f"{count} {state}" for state, count in status["counts"].items() if count)
     method = (status["definition"] or {}).get("method", "?")
-    table = Table(title=f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}")
+    title = f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}"
+    stopped = status.get("stopped")
+    table = Table(title=title, caption=f"STOPPED: {stopped['reason']}" if stopped else None)
     parameters = _parameter_names(status["definition"], status["rows"])
     for column in ("#", "run", "state", "epoch", status["metric"]["name"], *parameters, "note"):
         table.add_column(column, justify="right" if column in ("#", "epoch") else "left", overflow="fold")

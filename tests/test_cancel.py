@@ -15,6 +15,7 @@ import torch
 from rq import Queue
 from rq.job import Job, JobStatus
 
+from publisher.cancel import find_jobs
 from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for
 from trainer.spec import load_spec
@@ -126,3 +127,13 @@ def test_status_lists_cancelled_jobs_with_their_reason(running_cancels):
     outcomes, _quick, status, _worker, _home = running_cancels
     reasons = {row["job_id"]: row["failure_reason"] for row in status["failed"]}
     assert {reasons[job.id] for job, _item in outcomes.values()} == {"cancelled"}
+
+
+def test_cancelling_by_run_name_reads_the_run_index_not_every_queued_job(connection, demo_data):
+    spec = load_spec(tiny_spec(demo_data))
+    jobs = [publish_experiment(connection, spec, context={}) for _ in range(200)]
+    before = connection.info("stats")["total_commands_processed"]
+    [found] = find_jobs(connection, [jobs[100].meta["run_name"]])
+    commands = connection.info("stats")["total_commands_processed"] - before - 1
+    assert found.id == jobs[100].id
+    assert commands < 10, commands  # a scan reads each of the 200 queued jobs

@@ -7,7 +7,11 @@ answered by hand (the one thing a GPU would answer); everything else runs for re
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +131,30 @@ def test_without_omp_num_threads_a_cpu_run_uses_the_cores_its_loader_workers_lea
     monkeypatch.setattr(cores, "available_cores", lambda: 4)
     compute.configure_backends(ComputePlan(), torch.device("cpu"), loader_workers=1)
     assert torch.get_num_threads() == 3
+
+
+DENORMAL_PROBE = """
+import json, sys, torch
+from trainer.spec import load_spec
+from trainer.train import Trainer
+probe = lambda: float(torch.tensor([1e-39]) * 2)  # a float32 denormal, kept unless flushed
+before = probe()
+Trainer(load_spec(json.loads(sys.argv[1])))
+torch.set_num_threads(2)
+print(json.dumps({"before": before, "after": probe(), "threads": float((torch.full((1 << 16,), 1e-39) * 2).sum())}))
+"""
+
+
+def test_every_training_run_flushes_denormal_floats_to_zero(demo_data, tmp_path):
+    """A fresh process (as a work horse, `runyard train` or a benchmark is): denormals stay until a
+    Trainer is built, then are zero, also in torch's intra-op threads started after it."""
+    spec = tiny_spec(demo_data, pictures=False, num_workers=0, output_dir=str(tmp_path / "runs"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    probe = subprocess.run(
+        [sys.executable, "-c", DENORMAL_PROBE, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout.splitlines()[-1])
+    assert found["before"] > 0
+    assert found["after"] == 0.0
+    assert found["threads"] == 0.0

@@ -17,9 +17,9 @@ from rq.serializers import JSONSerializer
 
 from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
 from publisher.queue import publish_experiment
-from tests.helpers import run_cli, tiny_spec
+from tests.helpers import run_cli, tiny_spec, wait_for
 from trainer.spec import load_spec
-from worker.janitor import requeue_abandoned, requeue_job
+from worker.janitor import LEASE_KEY, Janitor, lease_ttl_ms, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob
 from worker.process import RunyardWorker
 
@@ -147,3 +147,37 @@ def test_runyard_janitor_once_reports_what_it_requeued(redis_url, connection, de
         "requeues": 1,
         "reason": None,
     }
+
+
+def test_one_janitor_of_a_fleet_holds_the_sweepers_lease_until_it_stops(connection):
+    janitors = [Janitor(connection, f"box{index}-gpu0") for index in range(4)]
+    assert [janitor.take_lease() for janitor in janitors] == [True, False, False, False]
+    assert janitors[0].take_lease() and not janitors[1].take_lease()  # the holder renews; the others wait
+    assert 0 < connection.pttl(LEASE_KEY) <= lease_ttl_ms(janitors[0].interval)
+    janitors[1].release_lease()  # not its lease: nothing happens
+    assert not janitors[2].take_lease()
+    janitors[0].release_lease()
+    assert janitors[2].take_lease() and not janitors[0].take_lease()
+
+
+def test_a_sweepers_lease_lapses_when_it_dies_and_another_janitor_takes_over(connection):
+    first, second = Janitor(connection, "box1-gpu0"), Janitor(connection, "box2-gpu0")
+    first.interval = second.interval = 0.2  # a 0.5 s lease
+    assert first.take_lease() and not second.take_lease()
+    wait_for(second.take_lease, 5, "the lease to pass on")  # first never renews: it was killed
+    assert not first.take_lease()
+
+
+def test_a_sweep_reads_the_fleet_in_a_few_round_trips(connection, demo_data):
+    for index in range(6):
+        publish(connection, demo_data)
+        abandon(connection, f"box{index}-gpu0")
+    for index in range(6, 40):  # idle workers that beat
+        connection.hset(WORKERS_KEY, f"box{index}-gpu0", json.dumps({"host": "box", "pid": 1}))
+        connection.set(heartbeat_key(f"box{index}-gpu0"), "{}", ex=60)
+    before = connection.info("stats")["total_commands_processed"]
+    assert len(requeue_abandoned(connection, by="janitor")) == 6
+    commands = connection.info("stats")["total_commands_processed"] - before
+    # The reads are pipelined (a round trip carries many commands), but the count is what the
+    # server does: O(started jobs + workers), here < 30 per requeued job plus one per worker.
+    assert commands < 6 * 30 + 40 + 20, commands

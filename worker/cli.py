@@ -213,7 +213,7 @@ def janitor_command(once, interval, as_json):
         click.echo(f"janitor: sweeping every {janitor.interval:g} s (Ctrl-C to stop)", err=True)
     try:
         while True:
-            for outcome in janitor.sweep():
+            for outcome in janitor.sweep() if once or janitor.take_lease() else []:
                 if as_json:
                     click.echo(json.dumps(outcome.to_dict()))
                 elif outcome.action == "quarantined":
@@ -225,6 +225,7 @@ def janitor_command(once, interval, as_json):
                     )
             if once:
                 return
-            time.sleep(janitor.interval)
+            time.sleep(janitor.next_wait())
     except KeyboardInterrupt:
+        janitor.release_lease()
         click.echo("janitor: stopped", err=True)

@@ -1,9 +1,13 @@
 """The abandoned-job sweep: jobs whose worker died go back on their queue, exactly once.
 
 A job is abandoned when RQ lists it as started by a runyard worker whose heartbeat
-(worker.heartbeat) has lapsed. Every worker runs a `Janitor` thread that sweeps every
-JANITOR_INTERVAL seconds (default 10), also while it trains, and `runyard janitor` does the same
-on a box without workers; with the default 15 s heartbeat a kill -9 is undone within ~25 s.
+(worker.heartbeat) has lapsed. Every worker runs a `Janitor` thread, also while it trains, and
+`runyard janitor` does the same on a box without workers. Every JANITOR_INTERVAL seconds
+(default 10, jittered by 20%) each asks for the sweeper's lease (one Redis key, SET NX PX, renewed
+by its holder); only the holder sweeps, with pipelined reads (O(started jobs + workers) commands
+in a few round trips). So the fleet's cost grows with the number of workers W, not W². With the
+default 15 s heartbeat a kill -9 is undone within ~25 s; if the dead worker held the lease, the
+next janitor takes it within 2.5 intervals (~40 s in all).
 
 Requeueing is one Redis transaction (WATCH the job, its requeue counter and the dead worker's
 heartbeat; MULTI; EXEC): when several janitors find the same job, exactly one EXEC succeeds and
@@ -16,8 +20,10 @@ to the sweep: the other jobs are still requeued.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -33,12 +39,35 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
-from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
+from contracts.keys import JANITOR_LEASE_KEY, WORKERS_KEY, heartbeat_key, requeue_counter_key
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 from worker.job import AllowListedJob, RefusedPayload, quarantine
 
 REQUEUE_LOG_LENGTH = 20
 COUNTER_TTL_S = 60 * 24 * 3600
+LEASE_KEY = JANITOR_LEASE_KEY
+LEASE_INTERVALS = 2.5  # the lease outlives 2 of its holder's longest waits (1 + JITTER intervals)
+JITTER = 0.2
+
+# Take the sweeper's lease (SET NX PX) or, when this janitor holds it, renew it (PEXPIRE).
+# KEYS: lease; ARGV: janitor name, TTL in ms. Returns 1 when this janitor is the sweeper.
+LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
+RELEASE_LEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 log = logging.getLogger("runyard.janitor")
 
@@ -79,35 +108,63 @@ class Requeued:
         return asdict(self)
 
 
-def find_abandoned(connection: redis.Redis, dead_names: frozenset[str] = frozenset()) -> list[Abandoned]:
-    """Started jobs of runyard workers without a heartbeat (and of `dead_names`, whatever they say)."""
-    workers = known_workers(connection)
-    found = []
-    for queue in Queue.all(connection=connection, serializer=JSONSerializer):
-        registry = StartedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
-        for entry in connection.zrange(registry.key, 0, -1):
+def started_entries(connection: redis.Redis) -> list[tuple[str, str, str, str | None]]:
+    """(queue, job id, execution id, worker name) of every started job, in a few pipelined round trips."""
+    queue_names = [queue.name for queue in Queue.all(connection=connection, serializer=JSONSerializer)]
+    with connection.pipeline(transaction=False) as pipeline:
+        for name in queue_names:
+            pipeline.zrange(StartedJobRegistry(name, connection=connection).key, 0, -1)
+        registries = pipeline.execute()
+    entries = []
+    for name, members in zip(queue_names, registries, strict=True):
+        for entry in members:
             try:
-                job_id, execution_id = parse_composite_key(entry.decode())
+                entries.append((name, *parse_composite_key(entry.decode())))
             except ValueError:  # not RQ's job:execution text: no job to requeue, and RQ's registry reads fail on it
-                connection.zrem(registry.key, entry)
-                log.warning("removed %r from %s: not a job:execution entry", entry, registry.key)
-                continue
-            worker = _execution_worker(connection, job_id, execution_id)
-            if worker is None or (worker not in workers and worker not in dead_names):
-                continue  # not a runyard worker's (or no way to tell): RQ's own expiry handles it
-            if worker in dead_names or not connection.exists(heartbeat_key(worker)):
-                found.append(Abandoned(job_id, queue.name, execution_id, worker))
+                registry_key = StartedJobRegistry(name, connection=connection).key
+                connection.zrem(registry_key, entry)
+                log.warning("removed %r from %s: not a job:execution entry", entry, registry_key)
+    if not entries:
+        return []
+    with connection.pipeline(transaction=False) as pipeline:
+        for _queue, job_id, execution_id in entries:
+            # The worker running one execution: the execution's record, else the job's last worker.
+            pipeline.hget(Execution(execution_id, job_id, connection).key, "worker_name")
+            pipeline.hget(Job.key_for(job_id), "worker_name")
+        # A record that is not a hash reads as no worker here; its requeue quarantines it.
+        names = [name if isinstance(name, bytes) else None for name in pipeline.execute(raise_on_error=False)]
+    found = []
+    for index, (queue_name, job_id, execution_id) in enumerate(entries):
+        name = names[2 * index] or names[2 * index + 1]
+        found.append((queue_name, job_id, execution_id, name.decode(errors="replace") if name else None))
     return found
 
 
-def _execution_worker(connection: redis.Redis, job_id: str, execution_id: str) -> str | None:
-    """The worker running one execution: the execution's record, else the job's last worker."""
-    try:
-        name = connection.hget(Execution(execution_id, job_id, connection).key, "worker_name")
-        name = name or connection.hget(Job.key_for(job_id), "worker_name")
-    except redis.ResponseError:  # a record that is not a hash; the requeue quarantines it
-        return None
-    return name.decode(errors="replace") if name else None
+def beating(connection: redis.Redis, names: set[str]) -> set[str]:
+    """Which of `names` have a heartbeat now (one pipelined round trip)."""
+    ordered = sorted(names)
+    with connection.pipeline(transaction=False) as pipeline:
+        for name in ordered:
+            pipeline.exists(heartbeat_key(name))
+        return {name for name, alive in zip(ordered, pipeline.execute(), strict=True) if alive}
+
+
+def find_abandoned(
+    connection: redis.Redis,
+    dead_names: frozenset[str] = frozenset(),
+    entries: list[tuple[str, str, str, str | None]] | None = None,
+) -> list[Abandoned]:
+    """Started jobs of runyard workers without a heartbeat (and of `dead_names`, whatever they say)."""
+    workers = known_workers(connection)
+    entries = started_entries(connection) if entries is None else entries
+    # Not a runyard worker's job (or no way to tell): RQ's own expiry handles it.
+    ours = [entry for entry in entries if entry[3] is not None and (entry[3] in workers or entry[3] in dead_names)]
+    alive = beating(connection, {entry[3] for entry in ours if entry[3] not in dead_names})
+    return [
+        Abandoned(job_id, queue_name, execution_id, worker)
+        for queue_name, job_id, execution_id, worker in ours
+        if worker in dead_names or worker not in alive
+    ]
 
 
 def requeue_job(
@@ -213,8 +270,9 @@ def requeue_job(
 
 def requeue_abandoned(connection: redis.Redis, by: str, dead_names: frozenset[str] = frozenset()) -> list[Requeued]:
     """One sweep: requeue (or fail as `crashed`) every abandoned job; returns what was done."""
+    entries = started_entries(connection)
     done = []
-    for abandoned in find_abandoned(connection, dead_names):
+    for abandoned in find_abandoned(connection, dead_names, entries):
         try:
             outcome = requeue_job(
                 connection,
@@ -233,20 +291,23 @@ def requeue_abandoned(connection: redis.Redis, by: str, dead_names: frozenset[st
             continue
         if outcome is not None:
             done.append(outcome)
-    forget_dead_workers(connection)
+    forget_dead_workers(connection, busy={entry[3] for entry in entries})
     return done
 
 
-def forget_dead_workers(connection: redis.Redis) -> None:
-    """Drop workers without a heartbeat and without started jobs from runyard:workers."""
-    busy = set()
-    for queue in Queue.all(connection=connection, serializer=JSONSerializer):
-        for entry in connection.zrange(StartedJobRegistry(queue.name, connection=connection).key, 0, -1):
-            job_id, execution_id = parse_composite_key(entry.decode())
-            busy.add(_execution_worker(connection, job_id, execution_id))
-    for name in known_workers(connection):
-        if name not in busy and not connection.exists(heartbeat_key(name)):
-            connection.hdel(WORKERS_KEY, name)
+def forget_dead_workers(connection: redis.Redis, busy: set[str | None] | None = None) -> None:
+    """Drop workers without a heartbeat and without started jobs (`busy`) from runyard:workers."""
+    if busy is None:
+        busy = {entry[3] for entry in started_entries(connection)}
+    idle = set(known_workers(connection)) - busy
+    gone = idle - beating(connection, idle) if idle else set()
+    if gone:
+        connection.hdel(WORKERS_KEY, *gone)
+
+
+def lease_ttl_ms(interval: float) -> int:
+    """How long a sweeper's lease lasts: a few of its (jittered) intervals, so renewals never lapse."""
+    return int(LEASE_INTERVALS * interval * 1000)
 
 
 class Janitor(threading.Thread):
@@ -272,8 +333,21 @@ class Janitor(threading.Thread):
             return True
         return self.last_error is not None and time.monotonic() - self.last_error < self.grace
 
+    def take_lease(self) -> bool:
+        """Whether this janitor is the fleet's sweeper now: it held the lease and renewed it, or took it."""
+        try:
+            script = self.connection.register_script(LEASE_SCRIPT)
+            return bool(script(keys=[LEASE_KEY], args=[self.janitor_name, lease_ttl_ms(self.interval)]))
+        except REDIS_ERRORS:
+            return False  # the sweep would fail too; the lease expires if this one held it
+
+    def release_lease(self) -> None:
+        """Give the lease up (if held), so another janitor takes over at its next interval."""
+        with contextlib.suppress(*REDIS_ERRORS):  # else it expires by itself
+            self.connection.register_script(RELEASE_LEASE_SCRIPT)(keys=[LEASE_KEY], args=[self.janitor_name])
+
     def sweep(self) -> list[Requeued]:
-        """One sweep now (an empty list while Redis has just been failing)."""
+        """One sweep now, lease or not (an empty list while Redis has just been failing)."""
         if self.recently_failed():
             return []
         try:
@@ -289,10 +363,16 @@ class Janitor(threading.Thread):
             log.exception("janitor %s: sweep failed", self.janitor_name)
         return []
 
+    def next_wait(self) -> float:
+        """One interval, jittered by +-JITTER so that a fleet started together spreads its lease calls."""
+        return self.interval * random.uniform(1 - JITTER, 1 + JITTER)
+
     def run(self) -> None:
         # Start after one interval: at birth the worker sweeps its own predecessor's jobs itself.
-        while not self._stopping.wait(self.interval):
-            self.sweep()
+        while not self._stopping.wait(self.next_wait()):
+            if self.take_lease():
+                self.sweep()
+        self.release_lease()
 
     def stop(self) -> None:
         self._stopping.set()

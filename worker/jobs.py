@@ -24,6 +24,7 @@ from worker.control import JobControl
 from worker.preemption import record_preemption
 from worker.progress import MetaWriter
 from worker.results import record_run
+from worker.search_stop import SearchStopped, cancel_waiting_points, record_data_error, search_stopped
 from worker.search_trial import SearchTrial, open_search_trial
 
 RUN_EXPERIMENT = "worker.jobs.run_experiment"
@@ -90,6 +91,11 @@ def run_experiment(
     except SpecError as error:
         _mark_failure(job, "spec_error", str(error), retry=False, trial=trial)
         raise
+    search_name = (search or {}).get("name")
+    stopped = search_stopped(job.connection, search_name) if job is not None and search_name else None
+    if stopped is not None:
+        _mark_failure(job, "search_stopped", stopped["reason"], retry=False, trial=trial)
+        raise SearchStopped(f"search {search_name} {stopped['reason']}")
 
     from trainer.data import DataError
     from trainer.oom import is_out_of_memory
@@ -121,6 +127,15 @@ def run_experiment(
         return _stopped(job, stop, trial)
     except DataError as error:
         _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
+        if (
+            job is not None
+            and search_name
+            and record_data_error(job.connection, search_name, str(error), job.description)
+        ):
+            cancelled = cancel_waiting_points(job.connection, search_name)
+            log.warning(
+                "search %s stopped after repeated data errors; %d queued points cancelled", search_name, cancelled
+            )
         raise
     except Exception as error:
         if is_out_of_memory(error):
@@ -156,6 +171,13 @@ def run_experiment(
         job.save_meta()
         record_run(job.connection, summary)
     return result
+
+
+def _count_data_error(job: Job, search_name: str, message: str) -> None:
+    """The search stops (its waiting points cancelled) when this is its Nth identical data error."""
+    if record_data_error(job.connection, search_name, message, job.description):
+        cancelled = cancel_waiting_points(job.connection, search_name)
+        log.warning("search %s stopped after repeated data errors; %d waiting points cancelled", search_name, cancelled)
 
 
 def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | None = None):
