@@ -216,7 +216,21 @@ def run_checks(data_dir: Path | None, dataset: str) -> list[Check]:
         checks += [Check(name, SKIP, "needs Redis") for name in ("aof", "workers")]
     else:
         checks += [check_persistence(connection), check_workers(connection)]
-    return [*checks, check_gpus(), check_wandb(), check_data(data_dir, dataset)]
+    return [*checks, check_store(), check_gpus(), check_wandb(), check_data(data_dir, dataset)]
+
+
+def check_store() -> Check:
+    """The run store (RUNYARD_STORE) is reachable and writable from this box (a probe file, deleted)."""
+    from trainer.store import STORE_ENV, StoreError, display_url, open_store
+
+    try:
+        store = open_store()
+        message = store.check()
+    except StoreError as error:
+        return Check("store", FAIL, str(error))
+    if not store.remote:
+        message += f" (this box's runs dir: set {STORE_ENV} for runs other boxes can resume and read)"
+    return Check("store", OK, message, {"url": display_url(store.url), "remote": store.remote})
 
 
 def per_class_table(per_class: dict[str, int]) -> Table:

@@ -27,7 +27,16 @@ AGGREGATE_FOLDS = "worker.jobs.aggregate_folds"
 ENTRY_POINTS = frozenset({RUN_EXPERIMENT, AGGREGATE_FOLDS})
 CALLBACKS: frozenset[str] = frozenset()
 
-FAILURE_REASONS = ("spec_error", "data_error", "oom", "crashed", "cancelled", "code_error", "fold_failed")
+FAILURE_REASONS = (
+    "spec_error",
+    "data_error",
+    "oom",
+    "crashed",
+    "cancelled",
+    "code_error",
+    "fold_failed",
+    "store_error",  # the final artifacts could not be made durable in the run store
+)
 
 # A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
 # failure, so the bound only stops a job that is shut down over and over from looping forever.
@@ -67,6 +76,7 @@ def run_experiment(
 
     from trainer.data import DataError
     from trainer.oom import is_out_of_memory
+    from trainer.store import StoreError
     from trainer.train import train
 
     context, code = with_worker_code(context, job)
@@ -91,6 +101,9 @@ def run_experiment(
         return _stopped(job, stop, trial)
     except DataError as error:
         _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
+        raise
+    except StoreError as error:
+        _mark_failure(job, "store_error", str(error), retry=False, trial=trial)
         raise
     except Exception as error:
         if is_out_of_memory(error):
@@ -159,6 +172,7 @@ def aggregate_folds(
     search: dict[str, Any], spec: dict[str, Any], folds: list[dict[str, Any]], run_name: str
 ) -> dict[str, Any]:
     """Mean ± std of a k-fold set's folds, once they have run (the job depends on them)."""
+    from trainer.store import StoreError
     from worker.kfold import aggregate
 
     job = get_current_job()
@@ -166,6 +180,9 @@ def aggregate_folds(
         return aggregate(job, search, spec, folds, run_name)
     except SpecError as error:
         _mark_failure(job, "spec_error", str(error), retry=False)
+        raise
+    except StoreError as error:
+        _mark_failure(job, "store_error", str(error), retry=False)
         raise
 
 
@@ -195,13 +212,18 @@ class JobProgress:
             return
         self.job.meta["attempts"] = int(self.job.meta.get("attempts", 0)) + 1
         self.job.meta["resumed_from_epoch"] = info.start_epoch
+        if info.fallbacks:
+            self.job.meta["checkpoint_fallback"] = info.fallbacks
         if info.start_epoch:
             self.job.meta["resume_note"] = f"resumed after epoch {info.start_epoch} from {info.checkpoint}"
+        elif info.fallbacks:
+            self.job.meta["resume_note"] = "restarted from epoch 0: " + "; ".join(info.fallbacks)
         elif self.job.meta.get("history"):
             # An earlier attempt trained epochs, but their checkpoint is not on this box's filesystem.
             self.job.meta["resume_note"] = (
                 f"restarted from epoch 0 on {socket.gethostname()}: the checkpoint of epoch "
-                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (share the runs dir to resume)"
+                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (set RUNYARD_STORE on every "
+                "box to a shared path or s3://BUCKET/PREFIX to resume anywhere)"
             )
         self.history = [self._row(report) for report in info.history]
         self.job.meta["history"] = self.history
@@ -219,6 +241,7 @@ class JobProgress:
         self.history = [row for row in self.history if row["epoch"] < report.epoch] + [self._row(report)]
         self.job.meta["progress"] = asdict(report)
         self.job.meta["history"] = self.history
+        self.job.meta["artifacts_pending"] = getattr(report, "store_pending", 0)
         self._save()
         return stop
 
