@@ -52,7 +52,6 @@ def write_fold_ensemble(spec: Any, fold_rows: list[dict[str, Any]], run_dir: Pat
     if not spec.eval_dir:
         return {"written": False, "reason": "the spec has no eval_dir"}
     from trainer.infer import load_runs, score_submission, submit
-
     from trainer.store import open_store
 
     # With a run store the folds are read from it by name (they may have trained on other boxes).
