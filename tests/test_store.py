@@ -280,3 +280,54 @@ def test_box_b_resumes_a_run_whose_box_died_from_the_store_and_a_third_home_infe
         len(output.read_text().splitlines()) == 1 + len((demo_data / "eval" / "info.csv").read_text().splitlines()) - 1
     )
     assert (tmp_path / "laptop" / "runs" / run_name / "checkpoints" / "best.pt").is_file()
+
+
+def test_runs_pull_and_gc_list_copy_and_thin_the_store_from_another_home(tmp_path, monkeypatch, demo_data):
+    from click.testing import CliRunner
+
+    from runyard.cli import main
+    from runyard.doctor import check_store
+
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "box-a"))
+    monkeypatch.setenv("RUNYARD_STORE", str(tmp_path / "shared"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert check_store().status == "ok"
+    for seed in (1, 2):
+        spec = tiny_spec(demo_data, epochs=2, run_name=f"point-{seed}", seed=seed, pictures=False)
+        train(load_spec(spec), context={"search": "sweep"})
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "laptop"))  # a home that trained nothing
+    cli = CliRunner()
+
+    listed = json.loads(cli.invoke(main, ["runs", "--json"], catch_exceptions=False).output)
+    rows = {row["run_name"]: row for row in listed["runs"]}
+    assert set(rows) == {"point-1", "point-2"}
+    assert {row["status"] for row in rows.values()} == {"finished"}
+    assert all(
+        row["size"] > 0 and row["box"] == socket.gethostname() and row["search"] == "sweep" for row in rows.values()
+    )
+    assert "point-1" in cli.invoke(main, ["runs"], catch_exceptions=False).output
+
+    pulled = cli.invoke(main, ["pull", "point-1", "--to", str(tmp_path / "copy"), "--json"], catch_exceptions=False)
+    assert json.loads(pulled.output)["path"] == str(tmp_path / "copy")
+    assert {"metrics.csv", "result.json", "spec.json"} <= {path.name for path in (tmp_path / "copy").iterdir()}
+    assert torch.load(tmp_path / "copy" / "checkpoints" / "best.pt", weights_only=True)["epoch"] >= 1
+
+    ranked = sorted(rows.values(), key=lambda row: row["best_val_f1"], reverse=True)
+    dry = json.loads(cli.invoke(main, ["gc", "--keep-top", "1", "--json"], catch_exceptions=False).output)
+    planned = {(item["run_name"], item["kind"]) for item in dry["files"]}
+    assert planned == {(name, kind) for name in rows for kind in ("last", "previous")} | {
+        (ranked[1]["run_name"], "best")
+    }
+    assert not dry["deleted"] and open_store().read_manifest("point-1")["checkpoints"].keys() == {
+        "last",
+        "previous",
+        "best",
+    }
+    done = cli.invoke(main, ["gc", "--keep-top", "1", "--yes"], catch_exceptions=False)
+    assert done.exit_code == 0 and "deleted 5 file(s)" in done.output
+    store = open_store()
+    assert set(store.read_manifest(ranked[0]["run_name"])["checkpoints"]) == {"best"}
+    assert set(store.read_manifest(ranked[1]["run_name"])["checkpoints"]) == set()
+    assert sorted(p.name for p in Path(store.path(ranked[0]["run_name"], "checkpoints")).iterdir()) == [
+        f"best-e{ranked[0]['best_epoch']:04d}.pt"
+    ]

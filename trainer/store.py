@@ -167,6 +167,28 @@ class RunStore:
                 self.get(run_name, relative, destination / relative, expected=entry)
         return destination
 
+    def describe(self, run_name: str) -> dict[str, Any] | None:
+        """The run's manifest; for a runs dir without one (this box's own), one built from its files."""
+        manifest = self.read_manifest(run_name)
+        if manifest is not None:
+            return manifest | {"has_manifest": True}
+        folder = self.path(run_name)
+        if not self.fs.exists(f"{folder}/spec.json"):
+            return None
+        described: dict[str, Any] = {"run_name": run_name, "status": "incomplete", "files": {}, "has_manifest": False}
+        described["checkpoints"] = {
+            kind: {"path": f"checkpoints/{kind}.pt", "size": self.fs.size(f"{folder}/checkpoints/{kind}.pt")}
+            for kind in CHECKPOINT_KINDS
+            if self.fs.exists(f"{folder}/checkpoints/{kind}.pt")
+        }
+        if self.fs.exists(f"{folder}/result.json"):
+            result = json.loads(self.fs.cat_file(f"{folder}/result.json"))
+            described |= {"status": "finished", "best": result.get("best"), "epoch": result.get("epochs_completed")}
+        if self.fs.exists(f"{folder}/context.json"):
+            context = json.loads(self.fs.cat_file(f"{folder}/context.json"))
+            described |= {"box": (context.get("worker") or {}).get("host"), "search": context.get("search")}
+        return described
+
     def check(self) -> str:
         """Write, read back and delete a probe file; raises StoreError naming the cause and the fix."""
         probe = f"{self.root}/.runyard-probe-{socket.gethostname()}-{os.getpid()}"

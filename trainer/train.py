@@ -424,7 +424,11 @@ class Trainer:
         sync, self.sync = self.sync, None
         if sync is None:
             return
-        summary = {"best": self.best, "epoch": self.history[-1].epoch if self.history else 0}
+        summary = {
+            "best": self.best,
+            "epoch": self.history[-1].epoch if self.history else 0,
+            "search": self.context.get("search"),  # `runyard gc --keep-top` ranks within a search
+        }
         if result is not None:
             summary["result"] = {key: result[key] for key in ("best", "epochs_completed", "model") if key in result}
         try:

@@ -80,6 +80,8 @@ def run_experiment(
     from trainer.train import train
 
     context, code = with_worker_code(context, job)
+    if trial is not None:
+        context["search"] = trial.payload.name  # the run store groups a search's runs by it
     if job is not None:
         job.meta["code"] = code
         job.save_meta()
