@@ -225,12 +225,16 @@ def check_store() -> Check:
 
     try:
         store = open_store()
+        if not store.remote:  # nothing to probe (and nothing is created): the runs dir of this box
+            message = (
+                f"runs stay on this box in {store.root}: set {STORE_ENV} (a shared path or s3://BUCKET/PREFIX) "
+                "on every box for runs any box can resume and read"
+            )
+            return Check("store", OK, message, {"url": display_url(store.url), "remote": False})
         message = store.check()
     except StoreError as error:
         return Check("store", FAIL, str(error))
-    if not store.remote:
-        message += f" (this box's runs dir: set {STORE_ENV} for runs other boxes can resume and read)"
-    return Check("store", OK, message, {"url": display_url(store.url), "remote": store.remote})
+    return Check("store", OK, message, {"url": display_url(store.url), "remote": True})
 
 
 def per_class_table(per_class: dict[str, int]) -> Table:
@@ -276,7 +280,7 @@ STYLES = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "bright_black"}
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def doctor_command(data_dir, dataset, as_json):
-    """Check this box: Redis, AOF, workers per box, GPUs, W&B mode, a dataset's layout.
+    """Check this box: Redis, AOF, workers, the run store (reachable, writable), GPUs, W&B, a dataset.
 
     Each check prints one line; anything not ok says what to do. Exit code 1 when a check
     fails (warnings do not fail).

@@ -331,3 +331,30 @@ def test_runs_pull_and_gc_list_copy_and_thin_the_store_from_another_home(tmp_pat
     assert sorted(p.name for p in Path(store.path(ranked[0]["run_name"], "checkpoints")).iterdir()) == [
         f"best-e{ranked[0]['best_epoch']:04d}.pt"
     ]
+
+
+def test_a_store_that_goes_away_mid_run_gets_every_epoch_once_it_is_back(tmp_path, monkeypatch, demo_data):
+    shared = tmp_path / "mnt" / "runyard"
+    monkeypatch.setenv("RUNYARD_STORE", str(shared))
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    shared.parent.mkdir()
+    pending = []
+
+    def outage(report):
+        pending.append(report.store_pending)
+        if report.epoch == 1:  # the mount goes away: its path is no longer a directory
+            shared.rename(tmp_path / "mnt" / "away")
+            shared.write_text("not mounted")
+        if report.epoch == 3:
+            shared.unlink()
+            (tmp_path / "mnt" / "away").rename(shared)
+
+    result = train(load_spec(tiny_spec(demo_data, epochs=4, run_name="outage", pictures=False)), on_epoch=outage)
+    store = open_store()
+    manifest = store.read_manifest("outage")
+    rows = metrics_rows(store.fs.cat_file(store.path("outage", "metrics.csv")).decode())
+    assert result["epochs_completed"] == 4 and manifest["status"] == "finished" and manifest["epoch"] == 4
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    assert max(pending) >= 1  # the job's meta said artifacts were pending meanwhile
+    assert "retrying, training goes on" in (tmp_path / "home" / "runs" / "outage" / "train.log").read_text()

@@ -30,7 +30,7 @@ from trainer.paths import runs_root
 STORE_ENV = "RUNYARD_STORE"
 MANIFEST = "manifest.json"
 CHECKPOINT_KINDS = ("last", "previous", "best")
-OBJECT_STORE_OPTIONS = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 2}}}
+OBJECT_STORE_OPTIONS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}}
 FIX = "set RUNYARD_STORE to a path every box reaches or to s3://BUCKET/PREFIX (unset: $RUNYARD_HOME/runs)"
 
 
@@ -194,10 +194,12 @@ class RunStore:
         probe = f"{self.root}/.runyard-probe-{socket.gethostname()}-{os.getpid()}"
         payload = f"{time.time()}".encode()
         try:
-            if self.local:  # the store dir may be new, its parent must exist (a typo is not a new store)
+            if self.local and self.remote:  # a new store dir, but in a parent that exists (a typo is no store)
                 if not Path(self.root).parent.is_dir():
                     raise FileNotFoundError(f"{Path(self.root).parent} does not exist")
                 Path(self.root).mkdir(exist_ok=True)
+            elif self.local:  # this box's own runs dir, created as it always was
+                Path(self.root).mkdir(parents=True, exist_ok=True)
             self.fs.pipe_file(probe, payload)
             if self.fs.cat_file(probe) != payload:
                 raise StoreError(f"store {display_url(self.url)}: a probe file read back different bytes")
