@@ -358,3 +358,39 @@ def test_a_store_that_goes_away_mid_run_gets_every_epoch_once_it_is_back(tmp_pat
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
     assert max(pending) >= 1  # the job's meta said artifacts were pending meanwhile
     assert "retrying, training goes on" in (tmp_path / "home" / "runs" / "outage" / "train.log").read_text()
+
+
+def test_the_k_fold_ensemble_reads_folds_trained_on_two_boxes_from_the_store(
+    connection, tmp_path, monkeypatch, demo_data
+):
+    import shutil
+
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from worker.kfold import aggregate
+    from worker.results import record_run
+
+    (tmp_path / "shared").mkdir()
+    monkeypatch.setenv("RUNYARD_STORE", str(tmp_path / "shared" / "runyard"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = tiny_spec(demo_data, pictures=False) | {"kfold": {"k": 3}}
+    for fold, box in enumerate(("box-a", "box-b", "box-a")):
+        monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / box))
+        spec = base | {"kfold": {"k": 3, "fold": fold}, "run_name": f"cv-fold{fold}"}
+        result = train(load_spec(spec))
+        metric = {"name": "val_f1", "goal": "maximize", "best": result["best"]["val_f1"]}
+        record_run(connection, result | {"search": "cv", "metric": metric, "search_score": None, "status": "finished"})
+    for box in ("box-a", "box-b"):
+        shutil.rmtree(tmp_path / box)  # the boxes are gone; their runs live on in the store
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "aggregator"))
+    job = Job.create("worker.jobs.aggregate_folds", connection=connection, serializer=JSONSerializer)
+    job.save()
+    folds = [{"fold": fold, "run_name": f"cv-fold{fold}", "point": f"p{fold}"} for fold in range(3)]
+    search = {"name": "cv", "point": "kfold-x", "params": {}}
+    spec = base | {"run_name": "cv", "eval_dir": str(demo_data / "eval")}
+    result = aggregate(job, search, spec, folds, "cv")
+    assert result["ensemble"]["written"] and 0.0 <= result["ensemble"]["eval"]["f1"] <= 1.0
+    assert result["store"] == open_store().run_url("cv")
+    manifest = open_store().read_manifest("cv")
+    assert manifest["status"] == "finished" and {"result.json", "submission.csv"} <= set(manifest["files"])
