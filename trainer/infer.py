@@ -30,7 +30,7 @@ from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.models import create_model, normalization
 from trainer.paths import runs_root
 from trainer.spec import KFold, SpecError, load_spec
-from trainer.store import StoreError, open_store
+from trainer.store import RunNotInStore, StoreError, open_store
 
 VOTINGS = ("auto", "soft", "hard")  # auto: see choose_voting
 TTAS = ("none", "hflip")
@@ -65,6 +65,9 @@ def resolve_run_dir(run: str | Path, checkpoint: str | None = None) -> Path:
             store = open_store()
             if store.remote:
                 return store.pull(str(run), named, kinds=(checkpoint,) if checkpoint else None, files=False)
+        except RunNotInStore as error:
+            if not named.is_dir():  # a run this box trained before it had a store is still usable
+                raise InferenceError(f"run {run}: {error}") from None
         except StoreError as error:
             raise InferenceError(f"run {run}: {error}") from None
         if named.is_dir():

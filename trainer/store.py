@@ -38,6 +38,10 @@ class StoreError(RuntimeError):
     """The run store cannot be used; the message names the store (without secrets) and the fix."""
 
 
+class RunNotInStore(StoreError):
+    """The store has no run of that name."""
+
+
 def display_url(url: str) -> str:
     """The URL without user, password or query string: what a log line or a result may show."""
     parts = urlsplit(url)
@@ -156,7 +160,7 @@ class RunStore:
         and sha256 is not downloaded again; every download is checked against them."""
         manifest = self.read_manifest(run_name)
         if manifest is None:
-            raise StoreError(f"run {run_name} is not in the store {display_url(self.url)} (see `runyard runs`)")
+            raise RunNotInStore(f"run {run_name} is not in the store {display_url(self.url)} (see `runyard runs`)")
         for kind, entry in (manifest.get("checkpoints") or {}).items():
             if kinds is None or kind in kinds:
                 target = destination / "checkpoints" / f"{kind}.pt"

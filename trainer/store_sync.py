@@ -15,6 +15,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,12 @@ class StoreSync:
                 f"{self.error}; the run's files are kept on this box at {self.run_dir} "
                 f"(copy that dir to {self.store.run_url(self.run_name)} once the store is back)"
             )
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def drop(self) -> None:
+        """Stop without publishing anything more: this box no longer owns the run (it was requeued)."""
+        self.gave_up = True
+        self.tasks.put(None)
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _stage(self, path: Path, link: bool) -> Path:
@@ -144,7 +151,7 @@ class StoreSync:
         before = {entry["path"] for entry in manifest["checkpoints"].values()}
         checkpoints = dict(manifest["checkpoints"])
         for kind, path in staged.items():
-            relative = f"checkpoints/{kind}-e{epoch:04d}.pt"
+            relative = f"checkpoints/{kind}-e{epoch:04d}-{uuid.uuid4().hex[:8]}.pt"  # never reused, even on a re-run
             entry = self._upload(path, relative) | {"path": relative, "epoch": epoch}
             if kind == "last" and "last" in checkpoints and checkpoints["last"]["epoch"] < epoch:
                 checkpoints["previous"] = checkpoints["last"]  # kept: a fallback if the newest will not load

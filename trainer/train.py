@@ -32,7 +32,7 @@ from trainer import checkpoint, compute, oom, store_sync
 from trainer.checkpoint import save_atomic
 from trainer.data import DataError
 from trainer.heads import predict_classes
-from trainer.interrupt import ResumeInfo, TrainingInterrupted
+from trainer.interrupt import LOST, ResumeInfo, TrainingInterrupted
 from trainer.loaders import build_loaders, class_counts, class_names, load_samples, loader_workers
 from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
@@ -439,6 +439,12 @@ class Trainer:
                 raise
             log.warning("run %s: the store did not get every file before stopping: %s", self.run_name, error)
 
+    def drop_store(self) -> None:
+        """Upload nothing more (this process lost the run to another box)."""
+        sync, self.sync = self.sync, None
+        if sync is not None:
+            sync.drop()
+
     def _checkpoint(self, epoch: int, val_f1: float) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -599,7 +605,9 @@ def train(
             return result
         except Exception as error:
             retry = oom.smaller_batch(spec, trainer.phase) if oom.is_out_of_memory(error) else None
-            if not isinstance(error, StoreError):
+            if isinstance(error, TrainingInterrupted) and error.reason == LOST:
+                trainer.drop_store()  # its new owner writes the run now
+            elif not isinstance(error, StoreError):
                 stopped = isinstance(error, TrainingInterrupted) or retry is not None
                 trainer.finish_store("interrupted" if stopped else "failed", best_effort=True)
             if retry is None:
