@@ -18,6 +18,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.job_meta import read_job_meta, set_failure
 from worker.control import request_cancel
 
 # States a job can be cancelled in; finished, failed and already cancelled jobs are left alone.
@@ -75,8 +76,7 @@ def cancel_job(connection: redis.Redis, job: Job, force: bool = False) -> Cancel
     request_cancel(connection, job.id)
     action = "stopping"
     if was != JobStatus.STARTED:
-        job.meta["failure_reason"] = "cancelled"
-        job.meta["failure_message"] = "cancelled by `runyard cancel` before it ran"
+        set_failure(job.meta, "cancelled", "cancelled by `runyard cancel` before it ran")
         job.save_meta()  # a running job writes its own meta, so only a waiting one is written here
         job.cancel()
         action = "cancelled"
@@ -86,4 +86,6 @@ def cancel_job(connection: redis.Redis, job: Job, force: bool = False) -> Cancel
             action = "killed"
         except InvalidJobOperation:
             pass  # it finished meanwhile; the flag is harmless
-    return Cancelled(job.id, job.meta.get("run_name") or job.description, job.origin, str(was.value), action)
+    return Cancelled(
+        job.id, read_job_meta(job.meta, job.id).run_name or job.description, job.origin, str(was.value), action
+    )

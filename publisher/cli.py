@@ -5,6 +5,7 @@ Nothing here imports torch: `publish --help` stays fast and works on a box witho
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -16,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_experiment, rq_queue_name
@@ -28,7 +30,6 @@ from publisher.search_status import (
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
-from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.results import get_search, leaderboard
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -63,31 +64,79 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+def given_fields(config: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The spec fields the user gave: a --config file (if any) with the typed options on top."""
+    base = read_spec_file(config) if config else {}
+    return merge(base, given_options(parameters))
+
+
 def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec:
     """The spec from a --config file (if any) with the typed options on top; SpecError if invalid."""
-    base = read_spec_file(config) if config else {}
-    return load_spec(merge(base, given_options(parameters)))
+    return load_spec(given_fields(config, parameters))
+
+
+def check_crop_here(spec: ExperimentSpec, data_here: bool) -> None:
+    """Refuse a center_crop larger than the dataset's images where this box sees them; else warn."""
+    crop = f"center_crop {spec.center_crop[0]}x{spec.center_crop[1]}"
+    if not data_here or importlib.util.find_spec("PIL") is None:
+        click.echo(
+            f"warning: {crop} is not checked against the images here; the job fails if it does not fit", err=True
+        )
+        return
+    from trainer.image_files import crop_problem, image_files
+
+    problem = crop_problem(tuple(spec.center_crop), image_files(spec.data_dir))
+    if problem:
+        fail(f"invalid spec, nothing enqueued:\n{problem}")
+
+
+def kfold_search_file(fields: dict[str, Any], k: int) -> str:
+    """A search file that publishes `fields` as a k-fold set: k fold jobs and their aggregate."""
+    fixed = {key: value for key, value in fields.items() if key not in ("kfold", "run_name")}
+    document = {"method": "grid", "parameters": {"kfold.k": {"value": k}}}
+    if fixed:
+        document["fixed"] = fixed
+    if fields.get("run_name"):
+        document["name"] = fields["run_name"]
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+
+
+def enqueue_options(subject: str):
+    """--retries, --timeout and --max-requeues, for every command that enqueues (publisher.queue.job_options)."""
+
+    def add(command):
+        for option in reversed(
+            [
+                click.option(
+                    "--retries",
+                    type=click.IntRange(0, 10),
+                    default=DEFAULT_RETRIES,
+                    show_default=True,
+                    help="Retries after a crash.",
+                ),
+                click.option(
+                    "--timeout", default="48h", show_default=True, help=f"Time limit of {subject} (3600, 90m, 48h, 2d)."
+                ),
+                click.option(
+                    "--max-requeues",
+                    type=click.IntRange(0, 100),
+                    default=DEFAULT_MAX_REQUEUES,
+                    show_default=True,
+                    help=f"Times {subject} is requeued after its worker died before it fails as `crashed`.",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return add
 
 
 @click.command("publish", context_settings=CONTEXT)
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML spec file used as the base.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the spec; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 10),
-    default=DEFAULT_RETRIES,
-    show_default=True,
-    help="Retries after a crash.",
-)
-@click.option("--timeout", default="48h", show_default=True, help="Job time limit (3600, 90m, 48h, 2d).")
-@click.option(
-    "--max-requeues",
-    type=click.IntRange(0, 100),
-    default=DEFAULT_MAX_REQUEUES,
-    show_default=True,
-    help="Times the job is requeued after its worker died before it fails as `crashed`.",
-)
+@enqueue_options("the job")
 @spec_options
 def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **parameters):
     """Validate one experiment spec and put it on the Redis queue.
@@ -102,14 +151,28 @@ def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **
     """
     timeout_s = parse_duration(timeout) if timeout else JOB_TIMEOUT_S
     try:
-        spec = build_spec(config, parameters)
+        fields = given_fields(config, parameters)
+        spec = load_spec(fields)
     except SpecError as error:
         fail(f"invalid spec, nothing enqueued:\n{error}")
-    if not Path(spec.data_dir).expanduser().exists():
+    if spec.kfold.k > 1 and "fold" not in (fields.get("kfold") or {}):
+        # One job would train fold 0 alone, with no aggregate: the set is schedule-search's to fan out.
+        click.echo(
+            f"error: kfold.k={spec.kfold.k} is a cross-validation of {spec.kfold.k} fold jobs and their aggregate, "
+            "and publish queues one job; nothing enqueued.\n"
+            "Save these lines as cv.yaml and run `schedule-search cv.yaml`:\n",
+            err=True,
+        )
+        click.echo(kfold_search_file(fields, spec.kfold.k), err=True)
+        fail(f"(or publish one fold on purpose with --kfold-fold 0..{spec.kfold.k - 1})")
+    data_here = Path(spec.data_dir).expanduser().exists()
+    if not data_here:
         click.echo(
             f"warning: data_dir {spec.data_dir} does not exist on this box; the workers must see it there",
             err=True,
         )
+    if spec.center_crop:
+        check_crop_here(spec, data_here)
     if dry_run:
         payload = spec.to_payload()
         if as_json:
@@ -167,6 +230,9 @@ def status_command(as_json, search):
     for column in ("queue", "queued", "running", "finished", "failed"):
         queues.add_column(column, justify="left" if column == "queue" else "right")
     for row in status["queues"]:
+        if "error" in row:
+            queues.add_row(row["name"], f"unreadable: {row['error']}", "-", "-", "-")
+            continue
         queues.add_row(row["name"], str(row["queued"]), str(row["started"]), str(row["finished"]), str(row["failed"]))
     out.print(queues if status["queues"] else "no queues yet: publish something with `publish`")
 
@@ -192,6 +258,13 @@ def status_command(as_json, search):
         for row in status["failed"]:
             failed.add_row(row["run_name"] or "-", row["job_id"], row["failure_reason"] or "-", row["error"] or "-")
         out.print(failed)
+    if status.get("quarantined"):
+        quarantined = Table(title="quarantined: job records no worker can read (kept under runyard:refused:<job>)")
+        for column in ("job", "queue", "reason"):
+            quarantined.add_column(column, overflow="fold")
+        for row in status["quarantined"]:
+            quarantined.add_row(row["job_id"], row.get("queue") or "-", row["reason"])
+        out.print(quarantined)
     if status.get("code_differs"):
         differs = Table(title="runs on other code than published (git)")
         for column in ("run", "worker", "code"):

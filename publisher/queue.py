@@ -10,9 +10,9 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.job_meta import DEFAULT_MAX_REQUEUES, update_job_meta
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
-from worker.janitor import DEFAULT_MAX_REQUEUES
 from worker.jobs import RUN_EXPERIMENT
 from worker.results import reserve_run_name
 
@@ -38,6 +38,43 @@ def publish_context() -> dict[str, Any]:
     return {"user": current_user(), "host": current_host(), "published_at": time.time(), **git_state()}
 
 
+def job_options(
+    spec: ExperimentSpec,
+    run_name: str,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    timeout_s: int = JOB_TIMEOUT_S,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
+    job_id: str | None = None,
+    spec_hash: str | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
+    """The options every runyard job is enqueued with (`Queue.enqueue_call` / `Queue.prepare_data`).
+
+    `publish`, `schedule-search` (its runs and k-fold aggregates) and the demo all enqueue through
+    this, so time limits, TTLs, retries and the job's identity in meta are set one way. `meta` adds
+    keys of contracts.job_meta.JobMeta (a search point's search, point, kind, params).
+    """
+    identity = update_job_meta(
+        {},
+        run_name=run_name,
+        spec_hash=spec_hash or spec.spec_hash(),
+        model=spec.model,
+        epochs=spec.epochs,
+        max_requeues=max_requeues,
+        **meta,
+    )
+    return {
+        "timeout": timeout_s,
+        "result_ttl": RESULT_TTL_S,
+        "failure_ttl": FAILURE_TTL_S,
+        "retry": Retry(max=retries) if retries else None,
+        "description": run_name,
+        "job_id": job_id,
+        "meta": identity,
+    }
+
+
 def publish_experiment(
     connection: redis.Redis,
     spec: ExperimentSpec,
@@ -53,16 +90,5 @@ def publish_experiment(
     return queue(connection, rq_queue_name(spec)).enqueue_call(
         RUN_EXPERIMENT,
         kwargs={"spec": spec.to_payload(), "context": context},
-        timeout=timeout_s,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
-        retry=Retry(max=retries) if retries else None,
-        description=run_name,
-        meta={
-            "run_name": run_name,
-            "spec_hash": spec.spec_hash(),
-            "model": spec.model,
-            "epochs": spec.epochs,
-            "max_requeues": max_requeues,
-        },
+        **job_options(spec, run_name, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues),
     )

@@ -15,7 +15,9 @@ from rich.table import Table
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.results import get_search, leaderboard, run_key, search_points_key
+from contracts.job_meta import read_job_meta
+from contracts.keys import run_key, search_points_key
+from worker.results import get_search, leaderboard
 
 POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
@@ -29,13 +31,13 @@ def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, s
             return record.get("status", "finished"), None
         return "missing", "no job: re-run the search to enqueue it"
     status = job.get_status(refresh=False)
-    meta = job.meta or {}
+    meta = read_job_meta(job.meta, job.id)
     if status == JobStatus.FINISHED:
-        return ("pruned" if meta.get("status") == "pruned" else "finished"), None
+        return ("pruned" if meta.status == "pruned" else "finished"), None
     if status == JobStatus.STARTED:
         return "running", job.worker_name
     if status in FAILED_STATUSES:
-        return "failed", meta.get("failure_reason") or str(status.value)
+        return "failed", meta.failure_reason or str(status.value)
     if status == JobStatus.DEFERRED:
         return "queued", "waiting for its folds"
     return "queued", None

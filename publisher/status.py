@@ -9,6 +9,8 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.job_meta import read_job_meta
+from worker.job import refused_records
 from worker.results import leaderboard
 
 LISTED_PER_STATE = 20
@@ -27,24 +29,24 @@ def _fetch(connection: redis.Redis, job_ids: list[str]) -> list[Job]:
 
 def _job_row(job: Job, queue_name: str) -> dict[str, Any]:
     try:
-        meta = job.meta or {}
-    except Exception:
-        meta = {}
-    progress = meta.get("progress") or {}
+        meta = read_job_meta(job.meta, job.id)
+    except Exception:  # a record RQ itself cannot read
+        meta = read_job_meta({})
+    progress = meta.progress or {}
     return {
         "job_id": job.id,
-        "run_name": meta.get("run_name") or job.description,
+        "run_name": meta.run_name or job.description,
         "queue": queue_name,
         "worker": job.worker_name,
         "epoch": progress.get("epoch"),
-        "epochs": progress.get("epochs") or meta.get("epochs"),
+        "epochs": progress.get("epochs") or meta.epochs,
         "val_f1": progress.get("val_f1"),
         "best_val_f1": progress.get("best_val_f1"),
         "eta_seconds": progress.get("eta_seconds"),
-        "code": meta.get("code") or {},
-        "failure_reason": meta.get("failure_reason"),
-        "failure_message": meta.get("failure_message"),
-        "requeues": meta.get("requeues", 0),
+        "code": meta.code or {},
+        "failure_reason": meta.failure_reason,
+        "failure_message": meta.failure_message,
+        "requeues": meta.requeues or 0,
     }
 
 
@@ -72,36 +74,21 @@ def _failure_line(job: Job) -> str | None:
 
 
 def collect_status(connection: redis.Redis) -> dict[str, Any]:
-    """Queues with counts, running jobs with progress, failed jobs with reasons, workers, best runs."""
-    queues, running, failed, queued, finished = [], [], [], [], []
+    """Queues with counts, running jobs with progress, failed jobs with reasons, quarantined records, workers."""
+    queues: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {"running": [], "queued": [], "failed": [], "finished": []}
     for queue in Queue.all(connection=connection, serializer=JSONSerializer):
-        started_ids = queue.started_job_registry.get_job_ids()
-        failed_ids = queue.failed_job_registry.get_job_ids()
-        queues.append(
-            {
-                "name": queue.name,
-                "queued": queue.count,
-                "started": len(started_ids),
-                "finished": queue.finished_job_registry.count,
-                "failed": len(failed_ids),
-                "scheduled": queue.scheduled_job_registry.count,
-            }
-        )
-        running += [_job_row(job, queue.name) for job in _fetch(connection, started_ids)]
-        finished_ids = queue.finished_job_registry.get_job_ids(-LISTED_PER_STATE, -1)
-        finished += [_finished_row(job, queue.name) for job in _fetch(connection, finished_ids)]
-        queued += [_job_row(job, queue.name) for job in _fetch(connection, queue.get_job_ids(0, LISTED_PER_STATE))]
-        for job in _fetch(connection, failed_ids[-LISTED_PER_STATE:]):
-            row = _job_row(job, queue.name)
-            row["error"] = row["failure_message"] or _failure_line(job)
-            failed.append(row)
-        cancelled_ids = queue.canceled_job_registry.get_job_ids()
-        queues[-1]["cancelled"] = len(cancelled_ids)
-        for job in _fetch(connection, cancelled_ids[-LISTED_PER_STATE:]):
-            row = _job_row(job, queue.name)
-            row["failure_reason"] = row["failure_reason"] or "cancelled"
-            row["error"] = row["failure_message"] or "cancelled"
-            failed.append(row)
+        try:
+            counts, queue_rows = _queue_status(connection, queue)
+        except redis.ResponseError as error:  # a key of the wrong type: say so, show the other queues
+            queues.append({"name": queue.name, "error": f"{type(error).__name__}: {error}"})
+            continue
+        except ValueError as error:  # an entry RQ cannot parse (`runyard janitor` removes it)
+            queues.append({"name": queue.name, "error": f"unreadable registry entry ({type(error).__name__})"})
+            continue
+        queues.append(counts)
+        for state, state_rows in queue_rows.items():
+            rows[state] += state_rows
     workers = []
     for worker in Worker.all(connection=connection, serializer=JSONSerializer):
         workers.append(
@@ -113,12 +100,14 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
                 "hostname": worker.hostname,
             }
         )
+    running, finished = rows["running"], rows["finished"]
     return {
         "queues": queues,
         "running": running,
-        "queued": queued,
-        "failed": failed,
+        "queued": rows["queued"],
+        "failed": rows["failed"],
         "workers": workers,
+        "quarantined": refused_records(connection),
         "finished": leaderboard(connection, limit=5),
         "code_differs": [row for row in running + finished if row.get("code", {}).get("differs")],
         "wandb_offline": [
@@ -127,3 +116,36 @@ def collect_status(connection: redis.Redis) -> dict[str, Any]:
             if row.get("wandb", {}).get("sync")
         ],
     }
+
+
+def _queue_status(connection: redis.Redis, queue: Queue) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """One queue's counts, and its rows by state (running, queued, failed, finished)."""
+    started_ids = queue.started_job_registry.get_job_ids()
+    failed_ids = queue.failed_job_registry.get_job_ids()
+    cancelled_ids = queue.canceled_job_registry.get_job_ids()
+    counts = {
+        "name": queue.name,
+        "queued": queue.count,
+        "started": len(started_ids),
+        "finished": queue.finished_job_registry.count,
+        "failed": len(failed_ids),
+        "scheduled": queue.scheduled_job_registry.count,
+        "cancelled": len(cancelled_ids),
+    }
+    finished_ids = queue.finished_job_registry.get_job_ids(-LISTED_PER_STATE, -1)
+    rows = {
+        "running": [_job_row(job, queue.name) for job in _fetch(connection, started_ids)],
+        "finished": [_finished_row(job, queue.name) for job in _fetch(connection, finished_ids)],
+        "queued": [_job_row(job, queue.name) for job in _fetch(connection, queue.get_job_ids(0, LISTED_PER_STATE))],
+        "failed": [],
+    }
+    for job in _fetch(connection, failed_ids[-LISTED_PER_STATE:]):
+        row = _job_row(job, queue.name)
+        row["error"] = row["failure_message"] or _failure_line(job)
+        rows["failed"].append(row)
+    for job in _fetch(connection, cancelled_ids[-LISTED_PER_STATE:]):
+        row = _job_row(job, queue.name)
+        row["failure_reason"] = row["failure_reason"] or "cancelled"
+        row["error"] = row["failure_message"] or "cancelled"
+        rows["failed"].append(row)
+    return counts, rows

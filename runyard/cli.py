@@ -18,7 +18,7 @@ from runyard.train_cli import train_command
 from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
 from worker.cli import janitor_command, worker_command
-from worker.connection import embedded_server, mask_url, redis_url
+from worker.connection import RedisUnavailable, embedded_server, mask_url, redis_url
 from worker.embedded import EmbeddedRedisError
 
 
@@ -90,7 +90,10 @@ def redis_group():
 @redis_group.command("url")
 def redis_url_command():
     """Print the Redis URL runyard uses (password masked)."""
-    click.echo(mask_url(redis_url(start_embedded=False)))
+    try:
+        click.echo(mask_url(redis_url(start_embedded=False)))
+    except RedisUnavailable as error:
+        fail(str(error), code=1)
 
 
 @redis_group.command("start")

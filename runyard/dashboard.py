@@ -20,6 +20,7 @@ from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.job_meta import read_job_meta
 from publisher.cli import CONTEXT, connect_or_fail, fail
 from worker.connection import mask_url, redis_url
 
@@ -43,11 +44,11 @@ HEADLESS_CHROMIUM_FLAGS = (
 def describe_job(job: Job) -> str:
     """What the dashboard shows for a job: `run name · epoch 3/10 · val F1 0.8123 · best 0.8400 · ETA 4m09s`."""
     try:
-        meta = job.meta or {}
+        meta = read_job_meta(job.meta, job.id)
     except Exception:  # a payload that is not runyard's: show what RQ has
-        meta = {}
-    parts = [meta.get("run_name") or job.description or job.id]
-    progress = meta.get("progress") or {}
+        meta = read_job_meta({})
+    parts = [meta.run_name or job.description or job.id]
+    progress = meta.progress or {}
     if progress:
         parts.append(f"epoch {progress.get('epoch')}/{progress.get('epochs')}")
         if progress.get("val_f1") is not None:
@@ -58,10 +59,10 @@ def describe_job(job: Job) -> str:
             minutes, seconds = divmod(int(progress["eta_seconds"]), 60)
             hours, minutes = divmod(minutes, 60)
             parts.append(f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{seconds:02d}s")
-    elif meta.get("epochs"):
-        parts.append(f"{meta['epochs']} epochs")
-    if meta.get("failure_reason"):
-        parts.append(f"failed: {meta['failure_reason']}")
+    elif meta.epochs:
+        parts.append(f"{meta.epochs} epochs")
+    if meta.failure_reason:
+        parts.append(f"failed: {meta.failure_reason}")
     return " · ".join(str(part) for part in parts)
 
 

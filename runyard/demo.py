@@ -16,9 +16,11 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rq.job import Job, JobStatus
 
+from contracts.job_meta import read_job_meta
 from publisher.cli import connect_or_fail, console, leaderboard_table
 from publisher.queue import publish_experiment
 from trainer.paths import runyard_home
@@ -80,7 +82,8 @@ def watch(connection, jobs: list[Job], worker: subprocess.Popen, console: Consol
                 status = job.get_status()
                 label = f"val F1 {report['val_f1']:.3f}" if report else status.value
                 if status in (JobStatus.FAILED, JobStatus.STOPPED):
-                    label = f"[red]{status.value}: {job.meta.get('failure_reason', 'see runyard status')}"
+                    reason = read_job_meta(job.meta, job.id).failure_reason or "see runyard status"
+                    label = f"[red]{status.value}: {reason}"
                 progress.update(tasks[job.id], completed=report.get("epoch", 0), f1=label)
             if worker.poll() is not None:
                 break
@@ -126,6 +129,10 @@ def run_demo(epochs: int, data_dir: Path | None, as_json: bool) -> dict[str, Any
         out.print(leaderboard_table(finished, title="demo leaderboard"))
     for name in summary["failed"]:
         out.print(f"[red]{name} did not finish; see `runyard status` and {log_path}")
+    if summary["failed"] and worker.returncode:
+        why = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("worker: ")]
+        summary["worker_error"] = why[-1] if why else f"the worker exited with status {worker.returncode}"
+        out.print(f"[red]{escape(summary['worker_error'])}", soft_wrap=True)
     out.print(
         f"demo finished in {summary['wall_seconds']:.0f} s. Next: `runyard status`, `runyard leaderboard`, "
         f"the run dirs under {home / 'runs'}; `runyard redis stop` stops the embedded Redis."

@@ -9,8 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from publisher.cli import CONTEXT, connect_or_fail, console, fail, parse_duration
-from publisher.queue import DEFAULT_RETRIES
+from publisher.cli import CONTEXT, connect_or_fail, console, enqueue_options, fail, parse_duration
 from schedule_search.config import SearchError
 from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search
@@ -30,11 +29,10 @@ OUTCOME_LABELS = {
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the points and which are new or done; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option(
-    "--retries", type=click.IntRange(0, 10), default=DEFAULT_RETRIES, show_default=True, help="Retries after a crash."
-)
-@click.option("--timeout", default="48h", show_default=True, help="Time limit per point (3600, 90m, 48h, 2d).")
-def schedule_search_command(file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str) -> None:
+@enqueue_options("each point's job")
+def schedule_search_command(
+    file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str, max_requeues: int
+) -> None:
     """Publish a grid, random or bayes search from a W&B-sweep YAML file; each point runs once.
 
     Every point is validated before anything is enqueued. Publishing the same file again
@@ -73,7 +71,7 @@ def schedule_search_command(file: Path, dry_run: bool, as_json: bool, retries: i
         return
     connection = connect_or_fail()
     try:
-        report = publish_search(connection, search, retries=retries, timeout_s=timeout_s)
+        report = publish_search(connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
     except SearchConflict as error:
         fail(f"nothing enqueued: {error}")
     if as_json:

@@ -1,7 +1,7 @@
 """The search file: a W&B sweep YAML, plus runyard's own keys.
 
     name: b2-losses                  # optional; default: the file's stem + a hash of its content
-    method: grid                     # grid | random | bayes
+    method: grid                     # grid | random | bayes (schedule_search.methods)
     metric: {name: val_f1, goal: maximize}
     run_cap: 24                      # random/bayes: how many points (grid: at most this many)
     early_terminate: {type: hyperband, min_iter: 2, eta: 3}
@@ -27,13 +27,14 @@ import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contracts.plugins import PRUNERS, SEARCH_METHODS, SearchMethodName
 from publisher.options import merge, read_spec_file
+from publisher.yaml_file import YamlFileError, read_yaml_file
 from schedule_search.parameters import Parameter
-from trainer.spec import NAME_PATTERN, SpecError, field_names
-from worker.search_trial import PRUNERS, EarlyTerminate, Metric
+from trainer.spec import MAX_ERROR_LINES, NAME_PATTERN, SpecError, capped_lines, field_names
+from worker.search_trial import EarlyTerminate, Metric
 
 SEARCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IGNORED_WANDB_KEYS = ("program", "command")
@@ -89,7 +90,7 @@ class SearchConfig(BaseModel):
 
     name: Annotated[str | None, Field(pattern=SEARCH_NAME_PATTERN)] = None
     description: str | None = None
-    method: Literal["grid", "random", "bayes"]
+    method: SearchMethodName
     metric: Metric = Field(default_factory=Metric)
     run_cap: int | None = Field(None, ge=1, le=100_000)
     early_terminate: EarlyTerminateConfig | None = None
@@ -113,11 +114,9 @@ class SearchConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _method_needs(self) -> SearchConfig:
+    def _has_parameters(self) -> SearchConfig:
         if not self.parameters:
             raise ValueError("parameters: list at least one parameter to search")
-        if self.method in ("random", "bayes") and self.run_cap is None:
-            raise ValueError(f"run_cap: a {self.method} search needs run_cap, the number of points to run")
         return self
 
 
@@ -125,15 +124,9 @@ def read_search_file(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in `path`; SearchError if unreadable."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise SearchError(f"{path}: cannot read it ({error.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SearchError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        data = read_yaml_file(path)
+    except YamlFileError as error:
+        raise SearchError(str(error)) from None
     if not isinstance(data, dict):
         raise SearchError(f"{path}: a search file is a mapping (method:, parameters:, ...), not {type(data).__name__}")
     return data
@@ -145,7 +138,8 @@ def parse_config(data: dict[str, Any], source: str) -> SearchConfig:
         return SearchConfig.model_validate(data)
     except ValidationError as error:
         lines = []
-        for item in error.errors():
+        items = error.errors()
+        for item in items[:MAX_ERROR_LINES]:
             location = ".".join(str(part) for part in item["loc"]) or "search"
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
@@ -154,9 +148,10 @@ def parse_config(data: dict[str, Any], source: str) -> SearchConfig:
                 message = f"unknown key; did you mean {', '.join(close)}?" if close else ""
                 message = message or f"unknown key; a search file has: {', '.join(valid)}"
             elif item["type"] == "missing":
-                message = "required" + (": grid, random or bayes" if location == "method" else "")
+                choices = f"{', '.join(SEARCH_METHODS[:-1])} or {SEARCH_METHODS[-1]}"
+                message = "required" + (f": {choices}" if location == "method" else "")
             lines.append(f"{source}: {location}: {message}")
-        raise SearchError("\n".join(lines)) from None
+        raise SearchError(capped_lines(lines, len(items))) from None
 
 
 def searchable_names() -> list[str]:
@@ -182,7 +177,10 @@ def flatten_parameters(raw: dict[str, Any], source: str, prefix: str = "") -> di
     known = set(searchable_names())
     flat: dict[str, Parameter] = {}
     errors: list[str] = []
-    for key, definition in raw.items():
+    for checked, (key, definition) in enumerate(raw.items()):
+        if len(errors) >= MAX_ERROR_LINES:
+            errors.append(f"... and {len(raw) - checked:,} more parameter(s) not checked; fix these first")
+            break
         name = f"{prefix}{key}"
         where = f"{source}: parameters.{name}"
         if not isinstance(definition, dict):
@@ -262,3 +260,8 @@ def default_name(source: Path, data: dict[str, Any]) -> str:
 def default_seed(name: str) -> int:
     """A seed derived from the search's name, so re-running a random search draws the same points."""
     return zlib.crc32(name.encode()) % 2**31
+
+
+def prefixed(prefix: str, message: str) -> str:
+    """`message` with `prefix` on each of its lines."""
+    return "\n".join(prefix + line for line in message.splitlines())

@@ -17,26 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from rq import Queue, Retry
+from rq import Queue
 from rq.job import Dependency, Job
 
-from publisher.queue import (
-    DEFAULT_RETRIES,
-    FAILURE_TTL_S,
-    JOB_TIMEOUT_S,
-    RESULT_TTL_S,
-    publish_context,
-    queue,
-    rq_queue_name,
-)
+from contracts.job_meta import DEFAULT_MAX_REQUEUES
+from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
+from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish_context, queue, rq_queue_name
+from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
-from worker.results import PREFIX, RUN_NAMES_KEY, get_search, search_key, search_points_key
+from worker.results import get_search
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
-RETRIED_STATUSES = ("failed", "stopped", "canceled")
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
 # (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON}.
@@ -139,7 +133,7 @@ def claim_points(
     connection: redis.Redis, search: Search, dry_run: bool = False
 ) -> list[tuple[Point, str, dict[str, Any] | None]]:
     """Claim every point that needs a job, atomically; (point, outcome, claim) for each point."""
-    arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, f"{PREFIX}:run:"]
+    arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
     for point in search.points:
         info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
         info = json.dumps(info, separators=(",", ":"))
@@ -162,9 +156,9 @@ def release_claims(connection: redis.Redis, search: Search, claims: list[tuple[s
 
 
 def check_definition(connection: redis.Redis, search: Search) -> None:
-    """A bayes study keeps its space: publishing another space under the same name is refused."""
+    """A study that samples the space (bayes) keeps it: publishing another space under the same name is refused."""
     stored = get_search(connection, search.name)
-    if not stored or (search.method != "bayes" and stored.get("method") != "bayes"):
+    if not stored or not (keeps_space(search.method) or keeps_space(stored.get("method"))):
         return
     new = search.definition()
     if (stored.get("method"), stored.get("parameters"), stored.get("metric")) != (
@@ -185,6 +179,7 @@ def publish_search(
     timeout_s: int = JOB_TIMEOUT_S,
     dry_run: bool = False,
     context: dict[str, Any] | None = None,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
 ) -> PublishReport:
     """Enqueue every point of `search` that is missing or failed; report what each point was."""
     report = PublishReport(search.name, search.method, dry_run)
@@ -200,7 +195,7 @@ def publish_search(
     job_ids = {point.id: claim["job_id"] for point, _outcome, claim in claims if claim}
     to_enqueue = [(point, claim) for point, outcome, claim in claims if is_enqueued(outcome)]
     try:
-        report.jobs = _enqueue(connection, search, to_enqueue, job_ids, context, retries, timeout_s)
+        report.jobs = _enqueue(connection, search, to_enqueue, job_ids, context, retries, timeout_s, max_requeues)
     except BaseException:
         release_claims(connection, search, [(point.id, claim["job_id"]) for point, claim in to_enqueue])
         raise
@@ -215,6 +210,7 @@ def _enqueue(
     context: dict[str, Any],
     retries: int,
     timeout_s: int,
+    max_requeues: int,
 ) -> list[dict[str, Any]]:
     runs: dict[str, list] = defaultdict(list)
     aggregates: dict[str, list] = defaultdict(list)
@@ -227,24 +223,19 @@ def _enqueue(
         run_name = claim["run_name"]
         spec = point.spec.model_copy(update={"run_name": run_name})
         queue_name = rq_queue_name(spec)
-        meta = {
-            "run_name": run_name,
-            "spec_hash": point.id if point.kind in ("run", "fold") else spec.spec_hash(),  # a run's id is its hash
-            "model": spec.model,
-            "epochs": spec.epochs,
-            "search": search.name,
-            "point": point.id,
-            "kind": point.kind,
-            "params": point.params,
-        }
-        common = {
-            "timeout": timeout_s,
-            "result_ttl": RESULT_TTL_S,
-            "failure_ttl": FAILURE_TTL_S,
-            "description": run_name,
-            "job_id": claim["job_id"],
-            "meta": meta,
-        }
+        common = job_options(
+            spec,
+            run_name,
+            retries=0 if point.kind == "aggregate" else retries,
+            timeout_s=timeout_s,
+            max_requeues=max_requeues,
+            job_id=claim["job_id"],
+            spec_hash=point.id if point.kind in ("run", "fold") else None,  # a run's id is its hash
+            search=search.name,
+            point=point.id,
+            kind=point.kind,
+            params=point.params,
+        )
         if point.kind == "aggregate":
             folds = [
                 {"fold": fold, "run_name": _claimed_run_name(connection, search, fold_id), "point": fold_id}
@@ -261,9 +252,7 @@ def _enqueue(
             aggregates[queue_name].append(data)
         else:
             kwargs = {"spec": spec.to_payload(), "context": context, "search": search.payload(point)}
-            data = Queue.prepare_data(
-                RUN_EXPERIMENT, kwargs=kwargs, retry=Retry(max=retries) if retries else None, **common
-            )
+            data = Queue.prepare_data(RUN_EXPERIMENT, kwargs=kwargs, **common)
             runs[queue_name].append(data)
         enqueued.append({"point": point.id, "job_id": claim["job_id"], "run_name": run_name, "queue": queue_name})
     with connection.pipeline() as pipeline:

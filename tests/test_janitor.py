@@ -15,11 +15,11 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
 from publisher.queue import publish_experiment
 from tests.helpers import run_cli, tiny_spec
 from trainer.spec import load_spec
-from worker.heartbeat import WORKERS_KEY, heartbeat_key
-from worker.janitor import requeue_abandoned, requeue_counter_key, requeue_job
+from worker.janitor import requeue_abandoned, requeue_job
 from worker.job import AllowListedJob
 from worker.process import RunyardWorker
 

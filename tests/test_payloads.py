@@ -23,10 +23,11 @@ from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.keys import REFUSED_KEY
 from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, tiny_spec
 from trainer.spec import load_spec
-from worker.job import REFUSED_KEY, refused_records
+from worker.job import refused_records
 from worker.jobs import RUN_EXPERIMENT
 
 WANDB_KEY = "local-" + "5ecret" * 8  # in the worker's environment only

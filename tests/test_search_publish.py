@@ -15,13 +15,13 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 import schedule_search.publish as publish_module
+from contracts.keys import search_points_key
 from publisher.cli import cancel_command, leaderboard_command, status_command
 from schedule_search.cli import schedule_search_command
 from schedule_search.publish import claim_points, publish_search
 from schedule_search.search import load_search
 from tests.helpers import BIN, write_search
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
-from worker.results import search_points_key
 
 GRID = {"lr": {"values": [0.001, 0.01]}, "loss": {"values": ["f1", "focal"]}}
 

@@ -13,9 +13,10 @@ from optuna.storages.journal import JournalRedisBackend, JournalStorage
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.keys import optuna_study_prefix as study_prefix
 from trainer.spec import SpecError
 from trainer.train import EpochReport
-from worker.search_trial import SearchTrial, parse_payload, search_fields, study_prefix
+from worker.search_trial import SearchTrial, parse_payload, search_fields
 
 
 def report(epoch: int, val_f1: float, epochs: int = 9) -> EpochReport:

@@ -24,10 +24,10 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.keys import optuna_study_prefix as study_prefix
 from tests.helpers import BIN, isolated_env, run_cli, tiny_spec, write_search
 from tests.wandb_records import find_run_file, summarize_run
 from worker.results import get_run
-from worker.search_trial import study_prefix
 
 GOOD_LR, BAD_LR = 0.003, 5.0  # Adam at lr 5 wrecks a network in one epoch
 

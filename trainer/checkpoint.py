@@ -32,15 +32,33 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from contracts.epoch_report import EpochReport
 from trainer.interrupt import ResumeInfo
 
-if TYPE_CHECKING:
-    from trainer.train import EpochReport, Trainer
+
+class Resumable(Protocol):
+    """What a checkpoint saves and restores of a trainer (trainer.train.Trainer is one)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: Any  # its `scaler`: the AMP GradScaler
+    ema: Any  # timm's ModelEmaV3, or None
+    train_loader: Any  # its `generator` shuffles the training set
+    history: list[EpochReport]
+    best: dict[str, Any]
+    steps: int
+    start_epoch: int
+    run_dir: Path
+    device: torch.device
+    run_name: str
+    store: Any  # trainer.store.RunStore: where other boxes' checkpoints of this run are
+
 
 log = logging.getLogger("runyard.trainer")
 
@@ -57,8 +75,17 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file, then rename: a reader never sees half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        # Through a file object, a full disk is OSError(ENOSPC) naming nothing worse than the
+        # errno; given a path, torch reports it as `inline_container.cc:672 unexpected pos`.
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)  # a partial file only takes the space a retry needs
+        if error.filename is None:
+            error.filename = str(temporary)
+        raise
 
 
 def save_last(state: dict[str, Any], run_dir: Path) -> Path:
@@ -98,7 +125,7 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
         generator.set_state(states["loader"])
 
 
-def training_state(trainer: Trainer) -> dict[str, Any]:
+def training_state(trainer: Resumable) -> dict[str, Any]:
     """What a checkpoint needs beyond the weights and optimizer to resume exactly: RNG states and
     the epoch history (the EMA weights and step count are in the trainer's own checkpoint)."""
     return {
@@ -112,10 +139,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def restore_training_state(trainer: Trainer, state: dict[str, Any]) -> list[EpochReport]:
+def restore_training_state(trainer: Resumable, state: dict[str, Any]) -> list[EpochReport]:
     """Load a checkpoint's states into a freshly built Trainer; returns the restored epoch reports."""
-    from trainer.train import EpochReport
-
     for name in STATEFUL_PARTS:
         getattr(trainer, name).load_state_dict(state[name])
     trainer.autocast.scaler.load_state_dict(state["scaler"])
@@ -159,7 +184,7 @@ def newest_readable(paths: Sequence[Path], device: torch.device | str) -> tuple[
     return chosen, state, problems
 
 
-def resume(trainer: Trainer) -> ResumeInfo:
+def resume(trainer: Resumable) -> ResumeInfo:
     """Continue `trainer` from the newest checkpoint that loads; from scratch when none does.
 
     Every checkpoint that would not load is named, with the reason, in the log and in the result.
@@ -188,7 +213,7 @@ def resume(trainer: Trainer) -> ResumeInfo:
     )
 
 
-def fetch_from_store(trainer: Trainer) -> list[str]:
+def fetch_from_store(trainer: Resumable) -> list[str]:
     """Download the store's checkpoints of this run that this box does not have (checked by size and
     sha256 against the manifest) into checkpoints/store/; returns what could not be fetched."""
     store = trainer.store

@@ -13,13 +13,10 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from trainer.relabel import Correction
+from trainer.image_files import IMAGE_SUFFIXES
 
 NUM_CLASSES = 18
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 MASK_STATES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 GENDERS = {"male": 0, "female": 1}
 MASK_NAMES = ("wear", "incorrect", "not wear")
@@ -30,12 +27,44 @@ AGE_NAMES = ("<30", "30-59", ">=60")
 class DataError(ValueError):
     """The dataset is missing or malformed; the message names the path and what was expected."""
 
+    def __init__(self, message: str = ""):
+        super().__init__(_without_worker_traceback(message, type(self)))
+
+
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (truncated, empty, not an image); the message names it."""
+
+
+def _without_worker_traceback(message: str, kind: type) -> str:
+    # A DataLoader worker's exception reaches the training process rebuilt from one string:
+    # "Caught X in DataLoader worker process N. Original Traceback ...: trainer.data.X: <message>".
+    # The user needs the message, which names the file, not the worker's stack.
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    if message.startswith(f"Caught {kind.__name__} ") and marker in message:
+        return message[message.rindex(marker) + len(marker) :].rstrip()
+    return message
+
 
 @dataclass(frozen=True)
 class Sample:
     path: str
     label: int
     profile: str  # who is in the picture: a split never puts one profile on both sides
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What to change for one profile (read by trainer.relabel); None keeps the folder's value."""
+
+    gender: str | None = None
+    age: int | None = None
+    swap: tuple[str, str] | None = None
+
+    def mask_state(self, stem: str) -> int:
+        """The mask state of the photo `stem` after the swap (if any)."""
+        if self.swap and stem in self.swap:
+            stem = self.swap[1] if stem == self.swap[0] else self.swap[0]
+        return MASK_STATES[stem]
 
 
 def age_class(age: int, threshold: int = 60) -> int:

@@ -8,10 +8,9 @@ and a resumed run starts after it (see trainer.checkpoint).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from trainer.train import EpochReport
+from contracts.epoch_report import EpochReport
 
 SHUTDOWN = "shutdown"  # the worker is going down: keep the checkpoint, run the rest later
 CANCELLED = "cancelled"  # a user cancelled the run

@@ -14,29 +14,13 @@ teams reported publicly (three swapped incorrect/normal pairs, nine wrong gender
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from trainer.data import GENDERS, MASK_STATES, DataError
+from trainer.data import GENDERS, MASK_STATES, Correction, DataError
 
 DEFAULT_FILE = "relabel_default.csv"
 COLUMNS = ("id", "gender", "age", "swap")
-
-
-@dataclass(frozen=True)
-class Correction:
-    """What to change for one profile; None keeps the folder's value."""
-
-    gender: str | None = None
-    age: int | None = None
-    swap: tuple[str, str] | None = None
-
-    def mask_state(self, stem: str) -> int:
-        """The mask state of the photo `stem` after the swap (if any)."""
-        if self.swap and stem in self.swap:
-            stem = self.swap[1] if stem == self.swap[0] else self.swap[0]
-        return MASK_STATES[stem]
 
 
 def corrections_file(relabel: str) -> Path | None:

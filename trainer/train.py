@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
+from contracts.epoch_report import EpochReport
 from trainer import checkpoint, compute, oom, store_sync
 from trainer.checkpoint import save_atomic
 from trainer.data import DataError
@@ -38,6 +39,7 @@ from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.mixing import BatchMixer
 from trainer.models import create_model, normalization, parameter_count
+from trainer.optim import create_optimizer, create_scheduler
 from trainer.paths import runs_root
 from trainer.pictures import save_run_pictures
 from trainer.spec import ExperimentSpec
@@ -46,27 +48,6 @@ from trainer.store_sync import StoreSync
 from trainer.tracking import WandbTracker
 
 log = logging.getLogger("runyard.trainer")
-
-
-@dataclass
-class EpochReport:
-    """What one epoch did; sent to `on_epoch`, the metrics CSV and W&B."""
-
-    epoch: int  # 1-based
-    epochs: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    val_f1: float
-    lr: float
-    seconds: float
-    best_val_f1: float
-    best_epoch: int
-    eta_seconds: float
-    train_seconds: float = 0.0  # the training pass alone
-    data_seconds: float = 0.0  # of which the loop waited for batches (and prepared them on the device)
-    store_pending: int = 0  # uploads to the run store not yet durable when the epoch ended
 
 
 EpochCallback = Callable[[EpochReport], "bool | None"]
@@ -95,30 +76,6 @@ def pick_device(spec: ExperimentSpec) -> torch.device:
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def create_optimizer(spec: ExperimentSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
-
-
-def create_scheduler(spec: ExperimentSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The spec's per-epoch schedule, after `warmup_epochs` of linear warmup when asked for."""
-    main_epochs = spec.epochs - spec.warmup_epochs
-    if spec.scheduler == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
-    else:
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=spec.lr_decay_step, gamma=spec.lr_gamma)
-    if spec.warmup_epochs == 0:
-        return main
-    warmup = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=1 / (spec.warmup_epochs + 1), total_iters=spec.warmup_epochs
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[spec.warmup_epochs])
 
 
 def format_eta(seconds: float) -> str:
@@ -174,6 +131,7 @@ class Trainer:
         self.forward = compute.prepare_model(self.model, self.compute)
         mean, std = normalization(self.model)
         self.train_loader, self.val_loader = build_loaders(spec, samples, mean, std, self.device)
+        self.skipped_images = self.train_loader.dataset.skipped + self.val_loader.dataset.skipped
         self.class_counts = class_counts(self.train_loader.dataset.samples, self.num_classes)
         self.loss_fn = create_criterion(spec, self.num_classes, self.class_counts).to(self.device)
         self.mixer = BatchMixer(spec.mixup, spec.cutmix) if spec.mixup or spec.cutmix else None
@@ -554,7 +512,12 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "device": str(self.device),
             "parameters": parameter_count(self.model),
-            "images": {"train": len(self.train_loader.dataset), "val": len(self.val_loader.dataset)},
+            "images": {
+                "train": len(self.train_loader.dataset),
+                "val": len(self.val_loader.dataset),
+                "skipped": len(self.skipped_images),
+            },
+            "skipped_images": self.skipped_images,  # bad_images: skip: what the run was not trained on
             "durations": {
                 "total_s": round(time.perf_counter() - self.started, 3),
                 "setup_s": round(setup_seconds, 3),

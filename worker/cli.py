@@ -191,13 +191,14 @@ def supervise(
     default=None,
     help="Seconds between sweeps.  [default: RUNYARD_JANITOR_INTERVAL or 10]",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per requeued or failed job.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per requeued, failed or quarantined job.")
 def janitor_command(once, interval, as_json):
     """Requeue jobs whose worker died: for a box that runs no worker.
 
     Every worker already runs this sweep in a thread; a job started by a runyard worker whose
     heartbeat has lapsed (kill -9, reboot, OOM killer) goes back to the front of its queue and
     resumes from its checkpoint. After its job's max_requeues crashes it fails as `crashed`.
+    A job record that cannot be read is quarantined (see `runyard status`), never requeued.
     """
     from worker.janitor import Janitor
 
@@ -215,6 +216,8 @@ def janitor_command(once, interval, as_json):
             for outcome in janitor.sweep():
                 if as_json:
                     click.echo(json.dumps(outcome.to_dict()))
+                elif outcome.action == "quarantined":
+                    click.echo(f"quarantined job {outcome.job_id}: {outcome.reason}")
                 else:
                     click.echo(
                         f"{outcome.action} {outcome.run_name or outcome.job_id} (job {outcome.job_id}, "

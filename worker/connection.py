@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
@@ -11,6 +12,7 @@ from trainer.paths import runyard_home
 from worker.embedded import NO_RETRY, EmbeddedRedis, EmbeddedRedisError
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
+URL_FORMS = "redis://[:PASSWORD@]HOST:PORT/DB, rediss://... for TLS, or unix://[:PASSWORD@]/path/to/redis.sock?db=DB"
 
 
 class RedisUnavailable(RuntimeError):
@@ -18,9 +20,50 @@ class RedisUnavailable(RuntimeError):
 
 
 def mask_url(url: str) -> str:
-    """Hide the password in a Redis URL: redis://:***@host:6379/0 (or ...?password=***)."""
+    """Hide the password in a Redis URL: redis://:***@host:6379/0 (or ...?password=***).
+
+    The user part ends at the URL's last `@`: an unencoded password may itself contain `@`.
+    """
     url = re.sub(r"([?&]password=)[^&\s]*", r"\1***", url)
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    scheme_end = url.find("://")
+    at = url.partition("?")[0].rfind("@")
+    if scheme_end < 0 or at < scheme_end:
+        return url
+    user = url[scheme_end + 3 : at]
+    shown = f"{user.split(':', 1)[0]}:***" if ":" in user else "***"
+    return f"{url[: scheme_end + 3]}{shown}{url[at:]}"
+
+
+def check_url(url: str) -> None:
+    """Refuse a REDIS_URL that redis-py would misread or choke on, with one line naming the fix."""
+    shown = mask_url(url)
+
+    def refuse(problem: str) -> RedisUnavailable:
+        return RedisUnavailable(f"REDIS_URL {shown!r}: {problem}; use {URL_FORMS}")
+
+    if not url.startswith(URL_SCHEMES):
+        raise RedisUnavailable(f"REDIS_URL {shown!r} is not a Redis URL; use {URL_FORMS}")
+    scheme, rest = url.split("://", 1)
+    location, _, query = rest.partition("?")
+    parts = urlsplit(f"{scheme}://{location.rsplit('@', 1)[-1]}?{query}")  # without the user part
+    db_values = parse_qs(parts.query).get("db", [])
+    if url.startswith("unix://"):
+        if not parts.path:
+            raise refuse("no socket path")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port_text = parts.netloc.rsplit(":", 1)[-1]
+            raise refuse(f"port {port_text!r} is not a number from 1 to 65535") from None
+        if port == 0:
+            raise refuse("port 0 is not a port a server listens on")
+        path = parts.path.strip("/")
+        if path:
+            db_values = [path, *db_values]
+    for value in db_values:
+        if not value.isdigit():
+            raise refuse(f"database {value!r} is not a number (databases are 0, 1, 2...)")
 
 
 def embedded_server() -> EmbeddedRedis:
@@ -31,11 +74,7 @@ def redis_url(url: str | None = None, start_embedded: bool = True) -> str:
     """The URL to use: the argument, REDIS_URL, or the embedded server's (started if needed)."""
     url = url or os.environ.get("REDIS_URL")
     if url:
-        if not url.startswith(URL_SCHEMES):
-            raise RedisUnavailable(
-                f"REDIS_URL {mask_url(url)!r} is not a Redis URL; use redis://[:PASSWORD@]HOST:PORT/DB, "
-                "rediss://... for TLS, or unix:///path/to/redis.sock"
-            )
+        check_url(url)
         return url
     server = embedded_server()
     if not start_embedded:
@@ -71,7 +110,13 @@ def check_connection(connection: redis.Redis, url: str) -> None:
             raise RedisUnavailable(
                 f"Redis at {shown} wants a password: put it in REDIS_URL (redis://:PASSWORD@HOST:6379/0)"
             ) from None
-        raise
+        if "DB index is out of range" in str(error):
+            db = connection.connection_pool.connection_kwargs.get("db")
+            raise RedisUnavailable(
+                f"REDIS_URL {shown!r}: database {db} does not exist on that server ({_databases(connection)}); "
+                "use a database number below that in REDIS_URL"
+            ) from None
+        raise RedisUnavailable(f"Redis at {shown} refused the connection: {str(error).splitlines()[0]}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
         reason = str(error).split("\n")[0] or type(error).__name__
         reason = reason.replace(url, shown)
@@ -79,3 +124,17 @@ def check_connection(connection: redis.Redis, url: str) -> None:
             f"cannot reach Redis at {shown} ({reason}): start that server, fix REDIS_URL, "
             "or unset REDIS_URL to use the embedded Redis"
         ) from None
+
+
+def _databases(connection: redis.Redis) -> str:
+    """How many databases the server has, in words (CONFIG may be disabled on managed servers)."""
+    pool = connection.connection_pool
+    kwargs = dict(pool.connection_kwargs) | {"db": 0}
+    try:
+        db0 = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+        count = db0.config_get("databases").get("databases")
+    except redis.RedisError:
+        count = None
+    if count is None:
+        return "its `databases` setting could not be read; the default is 16, numbered 0 to 15"
+    return f"it has {count}, numbered 0 to {int(count) - 1}"

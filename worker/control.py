@@ -20,9 +20,10 @@ import time
 import redis
 from rq.job import Job, JobStatus
 
+from contracts.keys import cancel_key
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN
 from worker.embedded import NO_RETRY
-from worker.heartbeat import PREFIX, REDIS_ERRORS, separate_client
+from worker.heartbeat import REDIS_ERRORS, separate_client
 
 SHUTDOWN_SIGNAL = signal.SIGUSR1
 CHECK_INTERVAL_S = 1.0
@@ -34,10 +35,6 @@ log = logging.getLogger("runyard.control")
 # Set in the work horse as soon as it is forked: its worker's pid, and whether SHUTDOWN_SIGNAL came.
 _worker_pid: int | None = None
 _shutdown_requested = False
-
-
-def cancel_key(job_id: str) -> str:
-    return f"{PREFIX}:cancel:{job_id}"
 
 
 def request_cancel(connection: redis.Redis, job_id: str) -> None:

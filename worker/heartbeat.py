@@ -23,8 +23,11 @@ from typing import Any
 import redis
 from redis.retry import Retry
 
-PREFIX = "runyard"
-WORKERS_KEY = f"{PREFIX}:workers"
+from contracts.keys import WORKERS_KEY, heartbeat_key
+
+# A field runyard workers add to RQ's own worker hash: judge this one by its runyard heartbeat.
+RUNYARD_MARK = "runyard_heartbeat"
+
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 log = logging.getLogger("runyard.heartbeat")
@@ -43,10 +46,6 @@ def heartbeat_ttl() -> int:
     """Seconds a heartbeat lives (RUNYARD_HEARTBEAT_TTL, default 15)."""
     value = os.environ.get("RUNYARD_HEARTBEAT_TTL", "")
     return max(3, int(value)) if value.isdigit() else 15
-
-
-def heartbeat_key(worker_name: str) -> str:
-    return f"{PREFIX}:heartbeat:{worker_name}"
 
 
 def is_alive(connection: redis.Redis, worker_name: str) -> bool:
@@ -68,11 +67,18 @@ class Heartbeat(threading.Thread):
     their beats failed too.
     """
 
-    def __init__(self, connection: redis.Redis, worker_name: str, details: Callable[[], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        connection: redis.Redis,
+        worker_name: str,
+        details: Callable[[], dict[str, Any]] | None = None,
+        after_beat: Callable[[], None] | None = None,
+    ):
         super().__init__(name=f"heartbeat-{worker_name}", daemon=True)
         self.connection = connection
         self.worker_name = worker_name
         self.details = details or dict
+        self.after_beat = after_beat  # a duty of the worker on the same cadence, while idle or busy
         self.ttl = heartbeat_ttl()
         self.started_at = time.time()
         self.last_error: float | None = None
@@ -103,6 +109,11 @@ class Heartbeat(threading.Thread):
             except Exception:  # a heartbeat must never take the worker down
                 self.last_error = time.monotonic()
                 log.exception("heartbeat of %s failed", self.worker_name)
+            if self.after_beat is not None and not self._stopping.is_set():
+                try:
+                    self.after_beat()
+                except Exception:
+                    log.exception("heartbeat of %s: worker check failed", self.worker_name)
             self._stopping.wait(self.ttl / 3)
 
     def stop(self, forget: bool = True) -> None:

@@ -10,6 +10,8 @@ heartbeat; MULTI; EXEC): when several janitors find the same job, exactly one EX
 the others see their watch broken. A crash counts against the job's `max_requeues` (meta,
 default 3); past it the job fails with reason `crashed`. A warm shutdown's requeue is not a crash
 and is not counted. The job goes back to the front of its queue and resumes from its checkpoint.
+A job whose record cannot be read is quarantined (worker.job), never requeued and never fatal
+to the sweep: the other jobs are still requeued.
 """
 
 from __future__ import annotations
@@ -30,17 +32,11 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
-from worker.heartbeat import (
-    PREFIX,
-    REDIS_ERRORS,
-    WORKERS_KEY,
-    Heartbeat,
-    heartbeat_key,
-    heartbeat_ttl,
-    known_workers,
-)
+from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
+from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
+from worker.job import AllowListedJob, RefusedPayload, quarantine
 
-DEFAULT_MAX_REQUEUES = 3
 REQUEUE_LOG_LENGTH = 20
 COUNTER_TTL_S = 60 * 24 * 3600
 
@@ -56,10 +52,6 @@ def janitor_interval() -> float:
         return 10.0
 
 
-def requeue_counter_key(job_id: str) -> str:
-    return f"{PREFIX}:requeues:{job_id}"
-
-
 @dataclass
 class Abandoned:
     """A started job whose worker no longer beats."""
@@ -72,7 +64,8 @@ class Abandoned:
 
 @dataclass
 class Requeued:
-    """What a janitor did with one job: `requeued`, or `failed` (reason crashed) past the limit."""
+    """What a janitor did with one job: `requeued`, `failed` (reason crashed) past the limit, or
+    `quarantined` (its record cannot be read)."""
 
     job_id: str
     run_name: str | None
@@ -93,7 +86,12 @@ def find_abandoned(connection: redis.Redis, dead_names: frozenset[str] = frozens
     for queue in Queue.all(connection=connection, serializer=JSONSerializer):
         registry = StartedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
         for entry in connection.zrange(registry.key, 0, -1):
-            job_id, execution_id = parse_composite_key(entry.decode())
+            try:
+                job_id, execution_id = parse_composite_key(entry.decode())
+            except ValueError:  # not RQ's job:execution text: no job to requeue, and RQ's registry reads fail on it
+                connection.zrem(registry.key, entry)
+                log.warning("removed %r from %s: not a job:execution entry", entry, registry.key)
+                continue
             worker = _execution_worker(connection, job_id, execution_id)
             if worker is None or (worker not in workers and worker not in dead_names):
                 continue  # not a runyard worker's (or no way to tell): RQ's own expiry handles it
@@ -104,9 +102,12 @@ def find_abandoned(connection: redis.Redis, dead_names: frozenset[str] = frozens
 
 def _execution_worker(connection: redis.Redis, job_id: str, execution_id: str) -> str | None:
     """The worker running one execution: the execution's record, else the job's last worker."""
-    name = connection.hget(Execution(execution_id, job_id, connection).key, "worker_name")
-    name = name or connection.hget(Job.key_for(job_id), "worker_name")
-    return name.decode() if name else None
+    try:
+        name = connection.hget(Execution(execution_id, job_id, connection).key, "worker_name")
+        name = name or connection.hget(Job.key_for(job_id), "worker_name")
+    except redis.ResponseError:  # a record that is not a hash; the requeue quarantines it
+        return None
+    return name.decode(errors="replace") if name else None
 
 
 def requeue_job(
@@ -139,7 +140,11 @@ def requeue_job(
             if dead_worker and pipeline.exists(heartbeat_key(dead_worker)):
                 return None  # it is alive after all
             try:
-                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+                job = AllowListedJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            except RefusedPayload as error:
+                pipeline.reset()
+                quarantine(connection, job_id, str(error), queue_name)
+                return Requeued(job_id, None, queue_name, dead_worker or "", "quarantined", 0, str(error))
             except Exception:
                 job = None
             execution = Execution(execution_id, job_id, connection)
@@ -155,21 +160,21 @@ def requeue_job(
                 pipeline.execute()
                 return None
             requeues = int(pipeline.get(requeue_counter_key(job_id)) or 0) + (1 if count else 0)
-            limit = int(job.meta.get("max_requeues", DEFAULT_MAX_REQUEUES))
+            meta = read_job_meta(job.meta, job_id)
+            limit = DEFAULT_MAX_REQUEUES if meta.max_requeues is None else meta.max_requeues
             give_up = count and requeues > limit
             queue.get_redis_server_version()  # a read: done before MULTI buffers everything
             entry = {"at": time.time(), "by": by, "worker": dead_worker or execution.worker_name, "reason": reason}
             job.meta["requeues"] = requeues
-            job.meta["requeue_log"] = [*job.meta.get("requeue_log", []), entry | {"counted": count}][
-                -REQUEUE_LOG_LENGTH:
-            ]
+            job.meta["requeue_log"] = [*(meta.requeue_log or []), entry | {"counted": count}][-REQUEUE_LOG_LENGTH:]
 
             pipeline.multi()
             execution.delete(job=job, pipeline=pipeline)
             if give_up:
-                job.meta["failure_reason"] = "crashed"
-                job.meta["failure_message"] = (
-                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)"
+                set_failure(
+                    job.meta,
+                    "crashed",
+                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)",
                 )
                 job.ended_at = now()
                 pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
@@ -187,7 +192,7 @@ def requeue_job(
             return None
     outcome = Requeued(
         job_id,
-        job.meta.get("run_name"),
+        read_job_meta(job.meta, job_id).run_name,
         queue_name,
         entry["worker"],
         "failed" if give_up else "requeued",
@@ -210,16 +215,22 @@ def requeue_abandoned(connection: redis.Redis, by: str, dead_names: frozenset[st
     """One sweep: requeue (or fail as `crashed`) every abandoned job; returns what was done."""
     done = []
     for abandoned in find_abandoned(connection, dead_names):
-        outcome = requeue_job(
-            connection,
-            abandoned.job_id,
-            abandoned.queue,
-            abandoned.execution_id,
-            reason=f"worker {abandoned.worker} stopped beating",
-            by=by,
-            count=True,
-            dead_worker=None if abandoned.worker in dead_names else abandoned.worker,
-        )
+        try:
+            outcome = requeue_job(
+                connection,
+                abandoned.job_id,
+                abandoned.queue,
+                abandoned.execution_id,
+                reason=f"worker {abandoned.worker} stopped beating",
+                by=by,
+                count=True,
+                dead_worker=None if abandoned.worker in dead_names else abandoned.worker,
+            )
+        except REDIS_ERRORS:
+            raise
+        except Exception as error:  # one job's record must not keep the others from being requeued
+            log.warning("job %s: not requeued: %s: %s", abandoned.job_id, type(error).__name__, error)
+            continue
         if outcome is not None:
             done.append(outcome)
     forget_dead_workers(connection)

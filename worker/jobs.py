@@ -5,6 +5,7 @@ Torch is imported inside the functions, in RQ's work horse, never in the worker'
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -14,11 +15,13 @@ from typing import Any
 from rq import Retry, get_current_job
 from rq.job import Job
 
+from contracts.job_meta import FailureReason, set_failure
 from trainer.interrupt import CANCELLED, LOST, SHUTDOWN, ResumeInfo, TrainingInterrupted
+from trainer.paths import runs_root
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
-from worker.heartbeat import REDIS_ERRORS
+from worker.progress import MetaWriter
 from worker.results import record_run
 from worker.search_trial import SearchTrial, open_search_trial
 
@@ -27,16 +30,8 @@ AGGREGATE_FOLDS = "worker.jobs.aggregate_folds"
 ENTRY_POINTS = frozenset({RUN_EXPERIMENT, AGGREGATE_FOLDS})
 CALLBACKS: frozenset[str] = frozenset()
 
-FAILURE_REASONS = (
-    "spec_error",
-    "data_error",
-    "oom",
-    "crashed",
-    "cancelled",
-    "code_error",
-    "fold_failed",
-    "store_error",  # the final artifacts could not be made durable in the run store
-)
+# A run's files cannot be written: retrying on the same box fails the same way until someone acts.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 # A warm shutdown returns RQ's Retry: the job goes back to the front of its queue. It is not a
 # failure, so the bound only stops a job that is shut down over and over from looping forever.
@@ -55,6 +50,27 @@ class JobLost(RuntimeError):
 
 class OutOfMemory(RuntimeError):
     """CUDA ran out of memory even at the spec's min_batch_size."""
+
+
+class StorageFailure(RuntimeError):
+    """The run's directory or a checkpoint cannot be written (disk full, read-only, no permission)."""
+
+
+def storage_problem(error: BaseException, run_root: str) -> str | None:
+    """One line naming the errno and the path when `error` (or its cause) is a storage failure."""
+    for _depth in range(8):  # the error, its cause, their causes
+        if error is None:
+            break
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            name = errno.errorcode.get(error.errno, str(error.errno))
+            where = error.filename or f"a file under {run_root}"
+            hint = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+            return (
+                f"{name} ({error.strerror}) writing {where}: {hint} on this worker's box (or set output_dir), "
+                "then publish the run again"
+            )
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run_experiment(
@@ -89,16 +105,20 @@ def run_experiment(
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
     if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
+        progress.close()
         return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
     try:
-        result = train(
-            experiment,
-            on_epoch=progress.on_epoch,
-            context=context,
-            should_stop=control.should_stop,
-            on_resume=progress.on_resume,
-            resume=job is not None,
-        )
+        try:
+            result = train(
+                experiment,
+                on_epoch=progress.on_epoch,
+                context=context,
+                should_stop=control.should_stop,
+                on_resume=progress.on_resume,
+                resume=job is not None,
+            )
+        finally:
+            progress.close()  # the last epoch's report lands before any write below
     except TrainingInterrupted as stop:
         return _stopped(job, stop, trial)
     except DataError as error:
@@ -112,6 +132,10 @@ def run_experiment(
             message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
             _mark_failure(job, "oom", message, retry=False, trial=trial)
             raise OutOfMemory(str(error)) from error
+        problem = storage_problem(error, str(runs_root(experiment.output_dir)))
+        if problem is not None:
+            _mark_failure(job, "storage_error", problem, retry=False, trial=trial)
+            raise StorageFailure(problem) from error
         _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
         raise
     if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports
@@ -192,15 +216,22 @@ class JobProgress:
     """Writes each epoch's report into the RQ job's meta, where `runyard status` reads it.
 
     The meta history is keyed by epoch: a resumed job starts from its checkpoint's history,
-    so the history has no gap and no epoch twice. A Redis outage skips a meta update (the next
-    epoch's write catches up) rather than failing a training run. For a search point it also asks
-    the search's pruner; True stops training after this epoch.
+    so the history has no gap and no epoch twice. Writes go through a MetaWriter thread: a
+    Redis outage of any length costs training no time, and the newest report lands once Redis
+    is back. For a search point it also asks the search's pruner; True stops training after
+    this epoch.
     """
 
     def __init__(self, job: Job | None, trial: SearchTrial | None = None):
         self.job = job
         self.trial = trial
         self.history: list[dict[str, float]] = []
+        self.writer = MetaWriter(job) if job is not None else None
+
+    def close(self) -> None:
+        """Write the last report (waiting a few seconds at most) and stop the writer thread."""
+        if self.writer is not None:
+            self.writer.stop()
 
     def apply_adjustments(self, spec: ExperimentSpec) -> ExperimentSpec:
         """A requeued job keeps the smaller batch an out-of-memory retry settled on."""
@@ -227,6 +258,7 @@ class JobProgress:
                 f"{self.job.meta['history'][-1]['epoch']} is not reachable here (set RUNYARD_STORE on every "
                 "box to a shared path or s3://BUCKET/PREFIX to resume anywhere)"
             )
+            log.warning("job %s: %s", self.job.id, self.job.meta["resume_note"])  # not only in the meta
         self.history = [self._row(report) for report in info.history]
         self.job.meta["history"] = self.history
         if info.adjustments:
@@ -252,20 +284,18 @@ class JobProgress:
         return {"epoch": report.epoch, "train_loss": report.train_loss, "val_f1": report.val_f1}
 
     def _save(self) -> None:
-        try:
-            self.job.save_meta()
-        except REDIS_ERRORS as error:
-            log.warning("job %s: progress not saved, Redis unreachable (%s)", self.job.id, error)
+        self.writer.submit(self.job.meta)
 
 
-def _mark_failure(job: Job | None, reason: str, message: str, retry: bool, trial: SearchTrial | None = None) -> None:
+def _mark_failure(
+    job: Job | None, reason: FailureReason, message: str, retry: bool, trial: SearchTrial | None = None
+) -> None:
     """Say why the job failed in its meta; with retry=False, RQ's Retry policy is not used up on it."""
     if trial is not None:
         trial.fail(final=not retry or job is None or not job.retries_left)
     if job is None:
         return
-    job.meta["failure_reason"] = reason
-    job.meta["failure_message"] = message[:2000]
+    set_failure(job.meta, reason, message)
     job.save_meta()
     if not retry:
         job.retries_left = 0

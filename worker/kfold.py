@@ -17,6 +17,7 @@ from typing import Any
 
 from rq.job import Job
 
+from contracts.job_meta import set_failure, update_job_meta
 from trainer.paths import runs_root
 from trainer.spec import load_spec
 from trainer.store import open_store
@@ -83,8 +84,7 @@ def aggregate(
             "re-run the search to retry them (finished folds are kept)"
         )
         if job is not None:
-            job.meta["failure_reason"] = "fold_failed"
-            job.meta["failure_message"] = message
+            set_failure(job.meta, "fold_failed", message)
             job.retries_left = 0
             job.save_meta()
         raise FoldsMissing(message)
@@ -131,7 +131,7 @@ def aggregate(
     publish_to_store(experiment, run_name, run_dir, result)
     if connection is not None:
         record_run(connection, result, global_board=False)
-        job.meta["status"] = "finished"
+        update_job_meta(job.meta, status="finished")
         job.save_meta()
     return result
 

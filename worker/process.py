@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import redis
@@ -38,6 +39,7 @@ from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from contracts.job_meta import read_job_meta, set_failure
 from trainer.data import DataError
 from trainer.spec import SpecError
 from worker.code_version import CODE_DIR, fast_forward, loaded_code_state
@@ -45,10 +47,10 @@ from worker.connection import RedisUnavailable, connect, mask_url, redis_url
 from worker.control import SHUTDOWN_SIGNAL, cancel_key, install_shutdown_handler
 from worker.embedded import NO_RETRY
 from worker.gpu import GpuCheck
-from worker.heartbeat import REDIS_ERRORS, Heartbeat, separate_client
+from worker.heartbeat import REDIS_ERRORS, RUNYARD_MARK, Heartbeat, heartbeat_key, separate_client
 from worker.janitor import Janitor, requeue_abandoned, requeue_job
-from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine
-from worker.jobs import JobCancelled, JobLost, OutOfMemory
+from worker.job import AllowListedJob, RefusedJob, forbid_pickle, quarantine_unreadable
+from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
 from worker.logs import LOG_FORMAT, setup_worker_logging
 
 __all__ = ["LOG_FORMAT", "RunyardWorker", "main", "unique_worker_name"]
@@ -64,7 +66,7 @@ SCHEDULER_STOP_GRACE_S = 10
 PATIENT_RETRY = Retry(ExponentialBackoff(cap=8, base=0.5), retries=7)
 
 # Failures whose message is the whole story (see handle_exception).
-EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, JobCancelled, JobLost, OutOfMemory)
+EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, StorageFailure, JobCancelled, JobLost, OutOfMemory)
 
 log = logging.getLogger("runyard.worker")
 
@@ -98,8 +100,24 @@ class RunyardWorker(Worker):
         self._redis_warned = False
         self.follow_git = False
         self.restart_requested = False
+        # Whether RQ's loop ended as asked (burst done, max_jobs, idle); RQ also ends it, and
+        # returns normally, on an exception it did not expect: that exit must not look clean.
+        self.loop_done = False
+        self._max_jobs: int | None = None
+        self._burst = False
+        self._scheduler_stopping = False
+        self._scheduler_lock = threading.Lock()
 
     # Lifecycle -------------------------------------------------------------------------------
+
+    def work(self, burst: bool = False, *args, max_jobs: int | None = None, **kwargs):
+        self._max_jobs = max_jobs
+        self._burst = burst
+        return super().work(burst, *args, max_jobs=max_jobs, **kwargs)
+
+    def ended_unexpectedly(self) -> bool:
+        """Whether RQ's loop quit on its own (an unhandled exception), not as asked."""
+        return not (self.loop_done or self._stop_requested or self.restart_requested or self.redis_lost)
 
     def bootstrap(self, *args, **kwargs):
         # RQ installs its signal handlers only after bootstrapping (and starting its scheduler);
@@ -110,15 +128,25 @@ class RunyardWorker(Worker):
         # No retries here: a failed beat must be noticed at once (the janitor then holds off for a
         # TTL, see worker.janitor) and the next beat is only seconds away anyway.
         threads_connection = separate_client(self.connection, THREAD_SOCKET_TIMEOUT_S, NO_RETRY)
-        self.heartbeat_thread = Heartbeat(threads_connection, self.name, self._heartbeat_details)
+        self.heartbeat_thread = Heartbeat(
+            threads_connection, self.name, self._heartbeat_details, after_beat=self._keep_scheduler_alive
+        )
         self.heartbeat_thread.beat()
         self.heartbeat_thread.start()
         # Jobs still registered under this name belong to a predecessor that died (names are unique
         # among live workers): requeue them now rather than after a heartbeat TTL.
-        with contextlib.suppress(*REDIS_ERRORS):  # if Redis fails, the janitor thread sweeps soon
+        try:
             requeue_abandoned(self.connection, by=self.name, dead_names=frozenset({self.name}))
+        except REDIS_ERRORS:
+            pass  # the janitor thread sweeps soon
+        except Exception as error:  # a record nobody can read must not stop a worker at start-up
+            log.warning("%s: start-up sweep skipped: %s: %s", self.name, type(error).__name__, error)
         self.janitor = Janitor(threads_connection, self.name, self.heartbeat_thread)
         self.janitor.start()
+
+    def register_birth(self):
+        super().register_birth()
+        self.connection.hset(self.key, RUNYARD_MARK, heartbeat_key(self.name))
 
     def _stop_before_work(self, signum, frame):
         if os.getpid() != self.pid and self.scheduler is not None:
@@ -130,7 +158,38 @@ class RunyardWorker(Worker):
         self._shutdown_requested_date = now()
         self._stop_requested = True
 
+    def _keep_scheduler_alive(self) -> None:
+        """Restart RQ's scheduler process when it died (a Redis outage ends its loop with an error).
+
+        RQ itself only notices at its registry maintenance, every 10 minutes and never while a
+        job runs; this runs on the heartbeat thread's cadence. Relies on RQScheduler._process
+        (rq 3, see the pin in pyproject.toml).
+        """
+        scheduler = self.scheduler
+        if scheduler is None or self._burst or self._scheduler_stopping or self._stop_requested:
+            return
+        process = scheduler._process
+        if process is None or process.is_alive():
+            return  # another worker's scheduler holds the locks, or ours is running
+        log.warning(
+            "%s: RQ's scheduler (pid %s) died with exit code %s; restarting it",
+            self.name,
+            process.pid,
+            process.exitcode,
+        )
+        with self._scheduler_lock:
+            if self._scheduler_stopping:
+                return
+            scheduler._process = None
+            try:
+                scheduler.acquire_locks(auto_start=True)
+            except REDIS_ERRORS as error:
+                scheduler._process = process  # try again at the next beat
+                log.warning("%s: scheduler not restarted yet: Redis unreachable (%s)", self.name, error)
+
     def stop_scheduler(self):
+        with self._scheduler_lock:
+            self._scheduler_stopping = True
         # RQ joins its scheduler process without a time limit; a scheduler that missed its stop
         # would keep this worker from exiting. It holds nothing worth waiting for (its locks
         # expire), so after a grace period it is killed.
@@ -172,7 +231,10 @@ class RunyardWorker(Worker):
 
     def _heartbeat_details(self) -> dict:
         running = self._running
-        return {"horse_pid": self.horse_pid or None, "job_id": running[0].id if running else None}
+        details = {"horse_pid": self.horse_pid or None, "job_id": running[0].id if running else None}
+        if self.gpu is not None and self.gpu.waiting:
+            details["gpu_wait"] = self.gpu.waiting  # why this idle worker takes no job
+        return details
 
     # Redis trouble: end the loop quietly and let main() reconnect -----------------------------
 
@@ -202,6 +264,9 @@ class RunyardWorker(Worker):
         except StopRequested:  # Ctrl-C or SIGTERM while idle: RQ raises this from its signal handler
             raise
         except Exception as error:  # a record nobody can read must not stop the worker (RQ would quit)
+            if getattr(error, "job_id", None) is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    quarantine_unreadable(self.connection, error)
             log.warning("%s: registry maintenance skipped: %s: %s", self.name, type(error).__name__, error)
             self.last_cleaned_at = now()
 
@@ -228,9 +293,15 @@ class RunyardWorker(Worker):
                 self.gpu.wait_until_free(self.heartbeat)
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except RefusedJob as error:
-                quarantine(self.connection, error)
+            except REDIS_ERRORS:
+                raise
+            except Exception as error:
+                if getattr(error, "job_id", None) is None:  # not about one job's record: a real failure
+                    raise
+                quarantine_unreadable(self.connection, error)
                 continue
+            if result is None:
+                self.loop_done = True  # burst mode found nothing, or max_idle_time passed
             return self._on_latest_code(result)
 
     def _on_latest_code(self, result):
@@ -273,6 +344,8 @@ class RunyardWorker(Worker):
         try:
             super().execute_job(job, queue)
             self.executed_jobs += 1
+            if self._max_jobs is not None and self.executed_jobs >= self._max_jobs:
+                self.loop_done = True
         except REDIS_ERRORS as error:
             if self._execution_id is not None:
                 self.interrupted_job = (job, queue, self._execution_id)
@@ -327,7 +400,7 @@ class RunyardWorker(Worker):
         # A refused payload, a bad spec, missing data, a cancel: one line with the reason says it
         # all; tracebacks stay for the failures that are bugs.
         if exc_info[0] is not None and issubclass(exc_info[0], EXPECTED_FAILURES):
-            reason = job.meta.get("failure_reason") or exc_info[0].__name__
+            reason = read_job_meta(job.meta, job.id).failure_reason or exc_info[0].__name__
             log.warning("%s: job %s failed (%s): %s", self.name, job.id, reason, str(exc_info[1]).splitlines()[0])
             call_exception_handlers(self._exc_handlers, job, *exc_info)
             return
@@ -362,8 +435,8 @@ class RunyardWorker(Worker):
             )
             if outcome is not None:
                 return
-        meta = job.meta if self.is_horse else job.get_meta(refresh=True)
-        if meta.get("failure_reason") == "cancelled" or self.connection.exists(cancel_key(job.id)):
+        meta = read_job_meta(job.meta if self.is_horse else job.get_meta(refresh=True), job.id)
+        if meta.failure_reason == "cancelled" or self.connection.exists(cancel_key(job.id)):
             self._finish_cancelled(job, execution)
             return
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
@@ -375,9 +448,8 @@ class RunyardWorker(Worker):
     def _finish_cancelled(self, job: Job, execution) -> None:
         """A cancelled job ends as RQ's `canceled` (not failed, not retried), its reason in meta."""
         self._stopped_job_id = None
-        if job.meta.get("failure_reason") != "cancelled":  # stopped by `runyard cancel --force`
-            job.meta["failure_reason"] = "cancelled"
-            job.meta["failure_message"] = "cancelled by `runyard cancel --force`: its work horse was killed"
+        if read_job_meta(job.meta, job.id).failure_reason != "cancelled":  # stopped by `runyard cancel --force`
+            set_failure(job.meta, "cancelled", "cancelled by `runyard cancel --force`: its work horse was killed")
         with self.connection.pipeline() as pipeline:
             job.set_status(JobStatus.CANCELED, pipeline=pipeline)
             job.save(pipeline=pipeline)
@@ -488,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if worker is None:
         return 1
+    if worker.ended_unexpectedly():
+        # A supervisor's Restart=on-failure must see this; RQ already logged the traceback.
+        log.error("%s stopped unexpectedly (see the error above); exiting with status 1", worker.name)
+        return 1
     if worker.restart_requested:
         # The same pid, so the supervising `worker` command keeps waiting on it; the new image
         # imports the fast-forwarded code.
@@ -521,7 +597,15 @@ def _serve(args: argparse.Namespace) -> RunyardWorker | None:
     # Import torch, timm and the trainer once, here: every forked work horse then starts training
     # at once instead of spending seconds on the same imports. Importing initialises no CUDA; only
     # the horse ever touches the GPU.
-    import trainer.train  # noqa: F401
+    try:
+        import trainer.train  # noqa: F401
+    except ModuleNotFoundError as error:  # a publishing-only install: no torch, torchvision or timm
+        print(
+            f"worker: {error}: this box has runyard's publishing side only; install the training side "
+            "with pip install 'runyard[train]'",
+            file=sys.stderr,
+        )
+        return None
 
     queue_names = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
     jobs_left = args.max_jobs

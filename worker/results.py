@@ -11,27 +11,14 @@ from typing import Any
 
 import redis
 
-PREFIX = "runyard"
-LEADERBOARD_KEY = f"{PREFIX}:leaderboard"
-RUN_NAMES_KEY = f"{PREFIX}:run-names"
-
-
-def run_key(run_name: str) -> str:
-    return f"{PREFIX}:run:{run_name}"
-
-
-def search_leaderboard_key(search: str) -> str:
-    return f"{PREFIX}:search:{search}:leaderboard"
-
-
-def search_key(search: str) -> str:
-    """The search's definition (JSON), written by schedule-search on every publish."""
-    return f"{PREFIX}:search:{search}"
-
-
-def search_points_key(search: str) -> str:
-    """Hash of point id -> its claim (job id, run name): what makes each point run exactly once."""
-    return f"{PREFIX}:search:{search}:points"
+from contracts.keys import (
+    LEADERBOARD_KEY,
+    RUN_NAMES_KEY,
+    run_key,
+    search_key,
+    search_leaderboard_key,
+    search_points_key,  # noqa: F401  (kept importable from here)
+)
 
 
 def get_search(connection: redis.Redis, search: str) -> dict[str, Any] | None:

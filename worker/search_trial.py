@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rq.job import Job
 
+from contracts.plugins import PrunerName
 from trainer.spec import SpecError, format_validation_error
 from worker.connection import redis_url
 
@@ -34,10 +36,6 @@ METRICS: dict[str, Literal["maximize", "minimize"]] = {
     "train_acc": "maximize",
     "train_loss": "minimize",
 }
-# `hyperband` is what a W&B sweep file means by it: one set of bands at min_iter * eta**k where a run
-# below the top 1/eta stops (asynchronous successive halving). `hyperband_brackets` is Optuna's
-# bracketed Hyperband, which also starts some runs at later bands to hedge against slow starters.
-PRUNERS = ("hyperband", "successive_halving", "hyperband_brackets")
 
 
 class Metric(BaseModel):
@@ -66,11 +64,11 @@ class Metric(BaseModel):
 
 
 class EarlyTerminate(BaseModel):
-    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see PRUNERS)."""
+    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see contracts.plugins.PRUNERS)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["hyperband", "successive_halving", "hyperband_brackets"]
+    type: PrunerName
     min_iter: int = Field(ge=1)
     max_iter: int = Field(ge=1)
     eta: int = Field(ge=2)
@@ -109,11 +107,6 @@ class SearchPayload(BaseModel):
     kfold_set: str | None = None  # the k-fold set a fold belongs to (its aggregate ranks the set)
 
 
-def study_prefix(search: str) -> str:
-    """Redis key prefix of a search's Optuna journal (point optuna-dashboard's JournalRedisBackend at it)."""
-    return f"runyard:optuna:{search}"
-
-
 def search_fields(payload: SearchPayload, best: float | None, status: str) -> dict[str, Any]:
     """What a search point adds to its run record: search, point, params, status, metric, rank score."""
     scored = best is not None and payload.kfold_set is None
@@ -150,6 +143,20 @@ def _optuna():
     return optuna
 
 
+# Optuna's pruner for each contracts.plugins.PRUNERS name, built from the search's early_terminate.
+PRUNER_FACTORIES: dict[str, Callable[[Any, EarlyTerminate], Any]] = {
+    "hyperband": lambda optuna, early: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=early.min_iter, reduction_factor=early.eta
+    ),
+    "successive_halving": lambda optuna, early: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=early.min_iter, reduction_factor=early.eta
+    ),
+    "hyperband_brackets": lambda optuna, early: optuna.pruners.HyperbandPruner(
+        min_resource=early.min_iter, max_resource=early.max_iter, reduction_factor=early.eta
+    ),
+}
+
+
 class SearchTrial:
     """One point's run: tracks its best metric, asks the pruner each epoch, tells the study the end."""
 
@@ -184,7 +191,7 @@ class SearchTrial:
             if meta.get("trial_number") is not None:
                 # A retry of this job (worker died, crash): carry on with the same trial and params,
                 # so a run resumed from its checkpoint stays the point it was.
-                self.trial = self._existing_trial(int(meta["trial_number"]))
+                self.trial = self._existing_trial(storage, int(meta["trial_number"]))
             if self.trial is None:
                 distributions = self._distributions(settings)
                 self.trial = self.study.ask(distributions)
@@ -199,13 +206,17 @@ class SearchTrial:
                 self.job.meta["params"] = self.params
                 self.job.save_meta()
 
-    def _existing_trial(self, number: int):
+    def _existing_trial(self, storage, number: int):
+        """The study's trial `number` to carry on with, if it is still running."""
         optuna = _optuna()
-        for frozen in self.study.get_trials(deepcopy=False):
-            if frozen.number == number and frozen.state == optuna.trial.TrialState.RUNNING:
-                # Optuna has no public "re-open trial N"; a Trial wraps its storage id.
-                return optuna.trial.Trial(self.study, frozen._trial_id)
-        return None
+        try:
+            study_id = storage.get_study_id_from_name(self.study.study_name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            return None
+        if storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
+            return None
+        return optuna.trial.Trial(self.study, trial_id)
 
     @staticmethod
     def _distributions(settings: StudySettings) -> dict[str, Any] | None:
@@ -230,15 +241,7 @@ class SearchTrial:
         optuna = _optuna()
         if early_terminate is None:
             return optuna.pruners.NopPruner()
-        if early_terminate.type != "hyperband_brackets":
-            return optuna.pruners.SuccessiveHalvingPruner(
-                min_resource=early_terminate.min_iter, reduction_factor=early_terminate.eta
-            )
-        return optuna.pruners.HyperbandPruner(
-            min_resource=early_terminate.min_iter,
-            max_resource=early_terminate.max_iter,
-            reduction_factor=early_terminate.eta,
-        )
+        return PRUNER_FACTORIES[early_terminate.type](optuna, early_terminate)
 
     @staticmethod
     def _decode(params: dict[str, Any], bayes: BayesSettings) -> dict[str, Any]:

@@ -1,0 +1,59 @@
+"""Every Redis key runyard writes under its own prefix (RQ's keys stay RQ's business).
+
+One place to read what runyard keeps in Redis, and the only place a key name is spelled out.
+"""
+
+from __future__ import annotations
+
+PREFIX = "runyard"
+
+WORKERS_KEY = f"{PREFIX}:workers"  # hash: worker name -> {host, pid, started} of every worker that beats
+LEADERBOARD_KEY = f"{PREFIX}:leaderboard"  # sorted set: run name -> best val F1, all runs
+RUN_NAMES_KEY = f"{PREFIX}:run-names"  # set: every run name ever reserved (each run gets its own dir)
+REFUSED_KEY = f"{PREFIX}:refused"  # list: the last refused jobs; `REFUSED_KEY:<job id>` keeps the record
+RUN_KEY_PREFIX = f"{PREFIX}:run:"  # + run name: the finished run's JSON summary (also used by Lua)
+
+
+def run_key(run_name: str) -> str:
+    """A finished run's JSON summary; it never expires."""
+    return f"{RUN_KEY_PREFIX}{run_name}"
+
+
+def search_key(search: str) -> str:
+    """The search's definition (JSON), written by schedule-search on every publish."""
+    return f"{PREFIX}:search:{search}"
+
+
+def search_leaderboard_key(search: str) -> str:
+    """Sorted set of a search's runs by their search score."""
+    return f"{PREFIX}:search:{search}:leaderboard"
+
+
+def search_points_key(search: str) -> str:
+    """Hash of point id -> its claim (job id, run name): what makes each point run exactly once."""
+    return f"{PREFIX}:search:{search}:points"
+
+
+def optuna_study_prefix(search: str) -> str:
+    """Prefix of a bayes search's Optuna journal (point optuna-dashboard's JournalRedisBackend at it)."""
+    return f"{PREFIX}:optuna:{search}"
+
+
+def heartbeat_key(worker_name: str) -> str:
+    """A worker's liveness: rewritten every few seconds with a short TTL."""
+    return f"{PREFIX}:heartbeat:{worker_name}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by `runyard cancel`: the job stops at its next step boundary."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def requeue_counter_key(job_id: str) -> str:
+    """How many times janitors requeued a job after its worker died."""
+    return f"{PREFIX}:requeues:{job_id}"
+
+
+def refused_job_key(job_id: str) -> str:
+    """Where a refused (quarantined) job's RQ record is moved aside."""
+    return f"{REFUSED_KEY}:{job_id}"

@@ -1,0 +1,91 @@
+"""The dependency rules of DESIGN.md, checked: contracts <- trainer <- worker <- publisher <- schedule_search.
+
+`contracts` imports neither torch nor redis nor rq; `trainer` neither redis nor rq; publishing
+(publisher/, schedule_search/) never loads torch; and no package imports one above it. Imports
+inside functions count too: a run-time import upward is still a dependency upward.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("contracts", "trainer", "worker", "publisher", "schedule_search", "runyard")  # lowest first
+FORBIDDEN = {"contracts": {"torch", "redis", "rq", "timm", "optuna"}, "trainer": {"redis", "rq"}}
+
+
+def imported_packages(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in the file, wherever it stands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def violations(package: str, rule) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{line} imports {imported}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, imported in imported_packages(path)
+        if rule(imported)
+    ]
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_lower_layers_import_no_queue_or_torch_libraries_they_must_not(package):
+    assert violations(package, FORBIDDEN[package].__contains__) == []
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_no_package_imports_a_layer_above_it(package):
+    above = set(LAYERS[LAYERS.index(package) + 1 :])
+    assert violations(package, above.__contains__) == []
+
+
+def _modules_loaded_by(packages: list[str], home: Path) -> set[str]:
+    """Import every module of `packages` in a fresh interpreter; the top-level packages it loaded."""
+    names = [
+        f"{package}.{info.name}"
+        for package in packages
+        for info in pkgutil.iter_modules([str(ROOT / package)])
+        if info.name != "__main__"  # that would run the command, not import it
+    ]
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {[*packages, *names]!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "RUNYARD_HOME": str(home), "REDIS_URL": "redis://127.0.0.1:1/0"},  # reach nothing
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_publishing_modules_load_no_torch(tmp_path):
+    loaded = _modules_loaded_by(["publisher", "schedule_search", "schedule_search.methods"], tmp_path)
+    assert "publisher" in loaded and "schedule_search" in loaded
+    assert {"torch", "torchvision", "timm"} & loaded == set()
+
+
+def test_contracts_load_nothing_but_the_standard_library_and_pydantic(tmp_path):
+    loaded = _modules_loaded_by(["contracts"], tmp_path)
+    assert {"torch", "redis", "rq", "optuna", "trainer", "worker"} & loaded == set()
