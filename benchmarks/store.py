@@ -7,6 +7,7 @@ epoch trains. Goal: ratio <= 1.03. The S3 store is moto's standalone server (the
 installable here) in its own process on 127.0.0.1, reached through s3fs.
 
     python benchmarks/store.py --epochs 4 --profiles 30 --resize 96x96
+    python benchmarks/store.py --stores none,s3 --s3-url s3://team-runs/bench   # a real bucket
 
 The first epoch (model warm-up, and no upload of its own to overlap) is left out of the mean.
 """
@@ -96,6 +97,10 @@ def main() -> None:
     parser.add_argument("--resize", default="96x96")
     parser.add_argument("--model", default="efficientnet_b2")
     parser.add_argument("--stores", default="none,shared-dir,s3")
+    parser.add_argument(
+        "--s3-url",
+        help="A real bucket (s3://BUCKET/PREFIX, with this shell's AWS_* variables) instead of a local moto server.",
+    )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="runyard-store-bench-"))
@@ -120,6 +125,8 @@ def main() -> None:
         elif kind == "shared-dir":
             (work / "shared").mkdir(exist_ok=True)
             results[kind] = epoch_seconds(run, home, {"RUNYARD_STORE": str(work / "shared" / "runyard")})
+        elif args.s3_url:
+            results[kind] = epoch_seconds(run, home, {"RUNYARD_STORE": args.s3_url})
         else:
             with moto_server() as endpoint:
                 import boto3
