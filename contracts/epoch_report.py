@@ -27,3 +27,4 @@ class EpochReport:
     eta_seconds: float
     train_seconds: float = 0.0  # the training pass alone
     data_seconds: float = 0.0  # of which the loop waited for batches (and prepared them on the device)
+    store_pending: int = 0  # uploads to the run store not yet durable when the epoch ended

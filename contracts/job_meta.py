@@ -27,6 +27,7 @@ FailureReason = Literal[
     "code_error",  # an exception in runyard or the libraries it calls
     "fold_failed",  # a k-fold aggregate whose folds did not all finish
     "search_stopped",  # its search stopped after repeated identical data errors (worker.search_stop)
+    "store_error",  # the final artifacts could not be made durable in the run store (RUNYARD_STORE)
 ]
 FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
 FAILURE_MESSAGE_LENGTH = 2000
@@ -66,6 +67,8 @@ class JobMeta(BaseModel):
     oom_adjustments: list[dict[str, Any]] | None = None
     batch_adjustment: dict[str, Any] | None = None
     trial_number: int | None = None  # a bayes point's Optuna trial
+    checkpoint_fallback: list[str] | None = None  # checkpoints that would not load at resume, and what was done
+    artifacts_pending: int | None = None  # files written locally, not yet durable in the run store
     checkpoint_at: float | None = None  # when the last checkpoint was written (preemption picks the latest)
 
     # Written when a higher-priority job preempts this one

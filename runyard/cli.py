@@ -14,6 +14,7 @@ from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
 from runyard.doctor import doctor_command
 from runyard.infer_cli import infer_command
+from runyard.store_cli import gc_command, pull_command, runs_command
 from runyard.train_cli import train_command
 from schedule_search.cli import compare_command, schedule_search_command
 from trainer.spec import parse_size
@@ -41,6 +42,11 @@ def main():
     Without a queue:
       runyard train --config spec.yaml              # one spec, here and now
       runyard infer RUN... --eval-dir data/eval     # a submission CSV from runs
+    \b
+    Runs on every box (RUNYARD_STORE=/mnt/shared/runyard or s3://bucket/prefix):
+      runyard runs                                  # what the store holds
+      runyard pull RUN                              # a run's files onto this box
+      runyard gc --keep-top 5                       # what retention would delete (--yes deletes)
     """
 
 
@@ -118,6 +124,9 @@ main.add_command(cancel_command)
 main.add_command(janitor_command)
 main.add_command(train_command)
 main.add_command(infer_command)
+main.add_command(runs_command)
+main.add_command(pull_command)
+main.add_command(gc_command)
 main.add_command(schedule_search_command)
 main.add_command(compare_command)
 main.add_command(quota_group)

@@ -287,7 +287,25 @@ def run_checks(
         checks += [Check(name, SKIP, "needs Redis") for name in ("aof", "workers")]
     else:
         checks += [check_persistence(connection), check_workers(connection)]
-    return [*checks, check_gpus(), check_wandb(), check_data(data_dir, dataset, sample, progress)]
+    return [*checks, check_store(), check_gpus(), check_wandb(), check_data(data_dir, dataset, sample, progress)]
+
+
+def check_store() -> Check:
+    """The run store (RUNYARD_STORE) is reachable and writable from this box (a probe file, deleted)."""
+    from trainer.store import STORE_ENV, StoreError, display_url, open_store
+
+    try:
+        store = open_store()
+        if not store.remote:  # nothing to probe (and nothing is created): the runs dir of this box
+            message = (
+                f"runs stay on this box in {store.root}: set {STORE_ENV} (a shared path or s3://BUCKET/PREFIX) "
+                "on every box for runs any box can resume and read"
+            )
+            return Check("store", OK, message, {"url": display_url(store.url), "remote": False})
+        message = store.check()
+    except StoreError as error:
+        return Check("store", FAIL, str(error))
+    return Check("store", OK, message, {"url": display_url(store.url), "remote": True})
 
 
 def per_class_table(per_class: dict[str, int]) -> Table:
@@ -351,7 +369,7 @@ STYLES = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "bright_black"}
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def doctor_command(data_dir, dataset, sample, as_json):
-    """Check this box: Redis, AOF, workers per box, GPUs, W&B mode, a dataset's layout and images.
+    """Check this box: Redis, AOF, workers per box, the run store, GPUs, W&B mode, a dataset's layout and images.
 
     Each check prints one line; anything not ok says what to do. Exit code 1 when a check
     fails (warnings do not fail).

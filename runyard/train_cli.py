@@ -42,6 +42,7 @@ def train_command(config, as_json, **parameters):
 
     from trainer.data import DataError
     from trainer.models import PretrainedWeightsError
+    from trainer.store import StoreError
     from trainer.train import train
 
     progress = logging.StreamHandler(sys.stderr)
@@ -54,6 +55,8 @@ def train_command(config, as_json, **parameters):
     except DataError as error:
         fail(str(error))
     except PretrainedWeightsError as error:
+        fail(str(error), code=1)
+    except StoreError as error:
         fail(str(error), code=1)
     except KeyboardInterrupt:
         fail("interrupted; the run dir keeps the checkpoints of the finished epochs", code=130)

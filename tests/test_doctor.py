@@ -66,7 +66,15 @@ def test_healthy_setup_is_all_ok_with_counts_per_class(aof_redis, demo_data, tmp
     assert result.returncode == 0, result.stdout + result.stderr
     assert lines_with(result.stdout, "fail") == []
     statuses = {check["name"]: check["status"] for check in report["checks"]}
-    assert statuses == {"redis": "ok", "aof": "ok", "workers": "ok", "gpus": "warn", "wandb": "ok", "data": "ok"}
+    assert statuses == {
+        "redis": "ok",
+        "aof": "ok",
+        "workers": "ok",
+        "store": "ok",
+        "gpus": "warn",
+        "wandb": "ok",
+        "data": "ok",
+    }
     [redis_line] = [line for line in result.stdout.splitlines() if line.startswith("ok    redis")]
     assert "Redis 6." in redis_line or "Redis 7." in redis_line
     assert ":***@" in redis_line and "doctor-pw" not in result.stdout  # the password is never printed
@@ -147,7 +155,7 @@ def test_gpus_are_listed_from_nvml(redis_url, tmp_path):
 def test_doctor_help_names_every_check():
     result = run_cli("runyard", "doctor", "--help")
     assert result.returncode == 0
-    for word in ("Redis", "AOF", "workers", "GPUs", "W&B", "dataset"):
+    for word in ("Redis", "AOF", "workers", "run store", "GPUs", "W&B", "dataset"):
         assert word in result.stdout
 
 

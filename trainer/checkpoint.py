@@ -7,6 +7,11 @@ step count when the spec asks for EMA, epoch, best metric, every epoch's report,
 states (Python, NumPy, torch, CUDA and the training loader's shuffling generator; mixup and
 cutmix draw from torch's).
 
+A run keeps `last.pt`, the one before it (`previous.pt`) and `best.pt`. Resuming takes the newest
+of them that loads (with a run store, the store's copies count too: another box may have trained
+further); one that does not load is set aside as `<name>.unreadable` and the reason is logged and
+returned, and with none readable the run starts over.
+
 Checkpoints are loaded with `weights_only=True`: a checkpoint file is data, never code, even on
 a shared filesystem someone else can write to.
 
@@ -20,7 +25,10 @@ one epoch of work.
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import random
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -48,7 +56,11 @@ class Resumable(Protocol):
     start_epoch: int
     run_dir: Path
     device: torch.device
+    run_name: str
+    store: Any  # trainer.store.RunStore: where other boxes' checkpoints of this run are
 
+
+log = logging.getLogger("runyard.trainer")
 
 # What a Trainer's checkpoint holds state_dict()s of, restored by name.
 STATEFUL_PARTS = ("model", "optimizer", "scheduler")
@@ -57,6 +69,32 @@ STATEFUL_PARTS = ("model", "optimizer", "scheduler")
 def checkpoint_path(run_dir: Path) -> Path:
     """The checkpoint a resumed run starts from."""
     return run_dir / "checkpoints" / "last.pt"
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a reader never sees half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # Through a file object, a full disk is OSError(ENOSPC) naming nothing worse than the
+        # errno; given a path, torch reports it as `inline_container.cc:672 unexpected pos`.
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)  # a partial file only takes the space a retry needs
+        if error.filename is None:
+            error.filename = str(temporary)
+        raise
+
+
+def save_last(state: dict[str, Any], run_dir: Path) -> Path:
+    """Write the epoch's last.pt, keeping the one it replaces as previous.pt (a fallback)."""
+    path = checkpoint_path(run_dir)
+    if path.exists():
+        os.replace(path, path.with_name("previous.pt"))
+    save_atomic(state, path)
+    return path
 
 
 def capture_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -118,13 +156,94 @@ def restore_training_state(trainer: Resumable, state: dict[str, Any]) -> list[Ep
     return history
 
 
+def candidate_paths(run_dir: Path) -> list[Path]:
+    """The checkpoints a resume may start from, this box's first, then the ones fetched from the store."""
+    folder = run_dir / "checkpoints"
+    local = [folder / f"{kind}.pt" for kind in ("last", "previous", "best")]
+    fetched = [folder / "store" / f"{kind}.pt" for kind in ("last", "previous", "best")]
+    return [path for path in local + fetched if path.is_file()]
+
+
+def newest_readable(paths: Sequence[Path], device: torch.device | str) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint of the latest epoch among those that load, and why each other one did not."""
+    chosen, state, problems = None, None, []
+    for path in paths:
+        try:
+            candidate = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            epoch = int(candidate["epoch"])
+            for key in ("model", "optimizer", "scheduler", "rng", "history", "best"):
+                candidate[key]
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            name = f"the store's {path.name}" if path.parent.name == "store" else f"checkpoints/{path.name}"
+            problems.append(f"{name} is unreadable ({type(error).__name__}: {reason[:200]})")
+            path.replace(path.with_name(f"{path.name}.unreadable"))  # never rotated into previous.pt
+            continue
+        if state is None or epoch > int(state["epoch"]):
+            chosen, state = path, candidate
+    return chosen, state, problems
+
+
 def resume(trainer: Resumable) -> ResumeInfo:
-    """Continue `trainer` from its run dir's last checkpoint; from scratch when there is none."""
-    path = checkpoint_path(trainer.run_dir)
-    if not path.exists():
-        return ResumeInfo()
-    history = restore_training_state(trainer, load_checkpoint(path, trainer.device))
-    return ResumeInfo(start_epoch=trainer.start_epoch, history=list(history), checkpoint=str(path))
+    """Continue `trainer` from the newest checkpoint that loads; from scratch when none does.
+
+    Every checkpoint that would not load is named, with the reason, in the log and in the result.
+    """
+    fetch_notes = fetch_from_store(trainer)
+    paths = candidate_paths(trainer.run_dir)
+    chosen, state, problems = newest_readable(paths, trainer.device)
+    problems = fetch_notes + problems
+    if state is None:
+        if problems:
+            problems.append("no readable checkpoint: training starts over from epoch 0")
+        for problem in problems:
+            log.warning("run %s: %s", trainer.run_name, problem)
+        return ResumeInfo(fallbacks=problems)
+    if problems:
+        problems.append(f"resumed from {chosen.name} of epoch {int(state['epoch'])} instead")
+    for problem in problems:
+        log.warning("run %s: %s", trainer.run_name, problem)
+    history = restore_training_state(trainer, state)
+    if chosen != checkpoint_path(trainer.run_dir):
+        save_atomic(state, checkpoint_path(trainer.run_dir))  # the next epoch's previous.pt
+    del state
+    shutil.rmtree(trainer.run_dir / "checkpoints" / "store", ignore_errors=True)
+    return ResumeInfo(
+        start_epoch=trainer.start_epoch, history=list(history), checkpoint=str(chosen), fallbacks=problems
+    )
+
+
+def fetch_from_store(trainer: Resumable) -> list[str]:
+    """Download the store's checkpoints of this run that this box does not have (checked by size and
+    sha256 against the manifest) into checkpoints/store/; returns what could not be fetched."""
+    store = trainer.store
+    if not store.remote:
+        return []
+    from trainer.store import StoreError, explain, matches
+
+    try:
+        manifest = store.read_manifest(trainer.run_name)
+    except Exception as error:
+        return [f"the store's checkpoints were not fetched: {explain(store.url, error)}"]
+    notes = []
+    local = trainer.run_dir / "checkpoints"
+    for kind, entry in ((manifest or {}).get("checkpoints") or {}).items():
+        if matches(local / f"{kind}.pt", entry):
+            continue
+        try:
+            store.get(trainer.run_name, entry["path"], local / "store" / f"{kind}.pt", expected=entry)
+            log.info(
+                "run %s: fetched %s (epoch %d) from %s",
+                trainer.run_name,
+                entry["path"],
+                entry["epoch"],
+                store.run_url(trainer.run_name),
+            )
+        except StoreError as error:
+            notes.append(str(error))
+        except Exception as error:
+            notes.append(f"{entry['path']} was not fetched: {explain(store.url, error)}")
+    return notes
 
 
 def sync_metrics_csv(path: Path, history: Sequence[EpochReport], columns: Iterable[str]) -> None:

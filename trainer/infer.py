@@ -30,6 +30,7 @@ from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.models import create_model, normalization
 from trainer.paths import runs_root
 from trainer.spec import KFold, SpecError, load_spec
+from trainer.store import RunNotInStore, StoreError, open_store
 
 VOTINGS = ("auto", "soft", "hard")  # auto: see choose_voting
 TTAS = ("none", "hflip")
@@ -52,20 +53,31 @@ class TrainedRun:
     model: nn.Module
 
 
-def resolve_run_dir(run: str | Path) -> Path:
-    """A run dir path, or a run name under $RUNYARD_HOME/runs."""
+def resolve_run_dir(run: str | Path, checkpoint: str | None = None) -> Path:
+    """A run dir path, or a run name: in the run store (RUNYARD_STORE, fetched once into
+    $RUNYARD_HOME/runs and checked by size and sha256) or under $RUNYARD_HOME/runs."""
     path = Path(run).expanduser()
     if path.is_dir():
         return path
     named = runs_root(None) / str(run)
-    if not path.is_absolute() and named.is_dir():
-        return named
+    if not path.is_absolute():
+        try:
+            store = open_store()
+            if store.remote:
+                return store.pull(str(run), named, kinds=(checkpoint,) if checkpoint else None, files=False)
+        except RunNotInStore as error:
+            if not named.is_dir():  # a run this box trained before it had a store is still usable
+                raise InferenceError(f"run {run}: {error}") from None
+        except StoreError as error:
+            raise InferenceError(f"run {run}: {error}") from None
+        if named.is_dir():
+            return named
     raise InferenceError(f"run {run}: no such run dir (give a run dir, or a run name under {runs_root(None)})")
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: torch.device | None = None) -> TrainedRun:
     """Rebuild a run's model from its checkpoint (no pretrained download: the weights are in it)."""
-    run_dir = resolve_run_dir(run_dir)
+    run_dir = resolve_run_dir(run_dir, checkpoint)
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise InferenceError(f"run {run_dir}: no checkpoints/{checkpoint}.pt (did it finish an epoch?)")

@@ -34,10 +34,12 @@ class TrainingInterrupted(Exception):
 class ResumeInfo:
     """Where a run starts: after `start_epoch` (0 = from scratch), with these earlier reports.
 
-    `adjustments` are the out-of-memory batch changes this run made so far (see trainer.oom).
+    `adjustments` are the out-of-memory batch changes this run made so far (see trainer.oom);
+    `fallbacks` say which checkpoints would not load or fetch, and what was done instead.
     """
 
     start_epoch: int = 0
     history: list[EpochReport] = field(default_factory=list)
     checkpoint: str | None = None
     adjustments: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)

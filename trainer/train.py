@@ -29,10 +29,11 @@ import torch
 from timm.utils import ModelEmaV3
 
 from contracts.epoch_report import EpochReport
-from trainer import checkpoint, compute, oom
+from trainer import checkpoint, compute, oom, store_sync
+from trainer.checkpoint import save_atomic
 from trainer.data import DataError
 from trainer.heads import predict_classes
-from trainer.interrupt import ResumeInfo, TrainingInterrupted
+from trainer.interrupt import LOST, ResumeInfo, TrainingInterrupted
 from trainer.loaders import build_loaders, class_counts, class_names, load_samples, loader_workers
 from trainer.losses import create_criterion
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
@@ -42,6 +43,8 @@ from trainer.optim import create_optimizer, create_scheduler
 from trainer.paths import runs_root
 from trainer.pictures import save_run_pictures
 from trainer.spec import ExperimentSpec
+from trainer.store import StoreError, open_store
+from trainer.store_sync import StoreSync
 from trainer.tracking import WandbTracker
 
 log = logging.getLogger("runyard.trainer")
@@ -73,23 +76,6 @@ def pick_device(spec: ExperimentSpec) -> torch.device:
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # Through a file object, a full disk is OSError(ENOSPC) naming nothing worse than the
-        # errno; given a path, torch reports it as `inline_container.cc:672 unexpected pos`.
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)  # a partial file only takes the space a retry needs
-        if error.filename is None:
-            error.filename = str(temporary)
-        raise
 
 
 def format_eta(seconds: float) -> str:
@@ -127,6 +113,8 @@ class Trainer:
         self.run_name = spec.run_name or spec.default_run_name()
         self.run_dir = runs_root(spec.output_dir) / self.run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(spec.output_dir)  # the run dir is its cache when it is elsewhere
+        self.sync: StoreSync | None = None
         self.context = context or {}
         seed_everything(spec.seed)
         configure_determinism(spec.deterministic)
@@ -162,11 +150,14 @@ class Trainer:
         self.should_stop: StopCallback | None = None
         self.phase = "setup"  # "train" or "eval": where an out-of-memory error came from
         self.oom_adjustments: list[dict[str, Any]] = []
+        self.checkpoint_fallbacks: list[str] = []  # checkpoints that would not load, and what was done
         self.epoch_timing = (0.0, 0.0)  # the last training pass: (seconds, of which waiting for data)
 
     def resume(self) -> ResumeInfo:
-        """Continue from the run dir's last checkpoint, if there is one (see trainer.checkpoint)."""
-        return checkpoint.resume(self)
+        """Continue from the newest checkpoint that loads, if there is one (see trainer.checkpoint)."""
+        info = checkpoint.resume(self)
+        self.checkpoint_fallbacks = info.fallbacks
+        return info
 
     def fit(self, on_epoch: EpochCallback | None = None, should_stop: StopCallback | None = None) -> dict[str, Any]:
         """Train for the spec's epochs (or until `on_epoch` says stop); return the result.
@@ -183,6 +174,8 @@ class Trainer:
         else:
             with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
                 csv.writer(handle).writerow(METRIC_COLUMNS)
+        if self.store.remote:
+            self.sync = StoreSync(self.store, self.run_name, self.run_dir)
         self.tracker = self._start_tracker()
         # A killed attempt's W&B records may never have reached disk or server: log the resumed
         # epochs again. W&B keeps steps increasing, so what it already holds is not duplicated.
@@ -250,11 +243,18 @@ class Trainer:
         self.history.append(report)
         # The checkpoint (with this report in its history) is the commit point of an epoch: a run
         # killed after it resumes with the next epoch and logs this one if it went unlogged.
+        state = self._checkpoint(epoch, val["f1"])
+        saved = {"last": checkpoint.save_last(state, self.run_dir)}
         if improved:
-            save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "best.pt")
-        save_atomic(self._checkpoint(epoch, val["f1"]), self.run_dir / "checkpoints" / "last.pt")
+            saved["best"] = self.run_dir / "checkpoints" / "best.pt"
+            save_atomic(state, saved["best"])
+        del state
         with open(self.run_dir / "metrics.csv", "a", newline="") as handle:
             csv.writer(handle).writerow([getattr(report, column) for column in METRIC_COLUMNS])
+        if self.sync is not None:  # uploaded while the next epoch trains
+            small = [self.run_dir / name for name in ("metrics.csv", "train.log", "spec.json", "context.json")]
+            self.sync.epoch(epoch, saved, small, dict(self.best))
+            report.store_pending = self.sync.pending
         self._log_to_tracker(report)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f F1 %.4f | best F1 %.4f (epoch %d) | %.1fs"
@@ -374,6 +374,35 @@ class Trainer:
             "predictions": torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64),
         }
 
+    def finish_store(self, status: str, result: dict[str, Any] | None = None, best_effort: bool = False) -> None:
+        """Wait until the run's files are durable in the store (no-op without a separate store).
+
+        Raises StoreError when they are not; with `best_effort` (a run that stops anyway) it only logs.
+        """
+        sync, self.sync = self.sync, None
+        if sync is None:
+            return
+        summary = {
+            "best": self.best,
+            "epoch": self.history[-1].epoch if self.history else 0,
+            "search": self.context.get("search"),  # `runyard gc --keep-top` ranks within a search
+        }
+        if result is not None:
+            summary["result"] = {key: result[key] for key in ("best", "epochs_completed", "model") if key in result}
+        try:
+            sync.finish(status, summary, timeout=60 if best_effort else store_sync.FINISH_TIMEOUT_S)
+            log.info("run %s: %s in the store at %s", self.run_name, status, self.store.run_url(self.run_name))
+        except StoreError as error:
+            if not best_effort:
+                raise
+            log.warning("run %s: the store did not get every file before stopping: %s", self.run_name, error)
+
+    def drop_store(self) -> None:
+        """Upload nothing more (this process lost the run to another box)."""
+        sync, self.sync = self.sync, None
+        if sync is not None:
+            sync.drop()
+
     def _checkpoint(self, epoch: int, val_f1: float) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -397,7 +426,8 @@ class Trainer:
             raise TrainingInterrupted(reason, self.history[-1].epoch if self.history else self.start_epoch)
 
     def _log_to_tracker(self, report: EpochReport) -> None:
-        self.tracker.log({key: value for key, value in asdict(report).items() if key != "epochs"}, step=report.epoch)
+        logged = {key: value for key, value in asdict(report).items() if key not in ("epochs", "store_pending")}
+        self.tracker.log(logged, step=report.epoch)
 
     def _write_outputs(self) -> dict[str, Any]:
         """After training: the pictures of the best epoch and, with an eval_dir, the submission."""
@@ -495,6 +525,8 @@ class Trainer:
             },
             "wandb": self.tracker.describe(),
             "resumed_from_epoch": self.start_epoch,
+            "store": self.store.run_url(self.run_name),  # no credentials: see trainer.store.display_url
+            **({"checkpoint_fallback": self.checkpoint_fallbacks} if self.checkpoint_fallbacks else {}),
             "batch_size": self.spec.batch_size,
             "grad_accum_steps": self.spec.grad_accum_steps,
             "oom_adjustments": self.oom_adjustments,
@@ -531,9 +563,16 @@ def train(
             info.adjustments = list(adjustments)
             if on_resume is not None:
                 on_resume(info)
-            return trainer.fit(on_epoch, should_stop)
+            result = trainer.fit(on_epoch, should_stop)
+            trainer.finish_store("finished", result)  # finished only once durable in the store
+            return result
         except Exception as error:
             retry = oom.smaller_batch(spec, trainer.phase) if oom.is_out_of_memory(error) else None
+            if isinstance(error, TrainingInterrupted) and error.reason == LOST:
+                trainer.drop_store()  # its new owner writes the run now
+            elif not isinstance(error, StoreError):
+                stopped = isinstance(error, TrainingInterrupted) or retry is not None
+                trainer.finish_store("interrupted" if stopped else "failed", best_effort=True)
             if retry is None:
                 raise
             log.warning("run %s: %s; retrying with %s", trainer.run_name, str(error).splitlines()[0], retry[1]["to"])

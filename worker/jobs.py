@@ -99,9 +99,12 @@ def run_experiment(
 
     from trainer.data import DataError
     from trainer.oom import is_out_of_memory
+    from trainer.store import StoreError
     from trainer.train import train
 
     context, code = with_worker_code(context, job)
+    if trial is not None:
+        context["search"] = trial.payload.name  # the run store groups a search's runs by it
     if job is not None:
         job.meta["code"] = code
         job.save_meta()
@@ -136,6 +139,9 @@ def run_experiment(
             log.warning(
                 "search %s stopped after repeated data errors; %d queued points cancelled", search_name, cancelled
             )
+        raise
+    except StoreError as error:
+        _mark_failure(job, "store_error", str(error), retry=False, trial=trial)
         raise
     except Exception as error:
         if is_out_of_memory(error):
@@ -219,6 +225,7 @@ def aggregate_folds(
     search: dict[str, Any], spec: dict[str, Any], folds: list[dict[str, Any]], run_name: str
 ) -> dict[str, Any]:
     """Mean ± std of a k-fold set's folds, once they have run (the job depends on them)."""
+    from trainer.store import StoreError
     from worker.kfold import aggregate
 
     job = get_current_job()
@@ -226,6 +233,9 @@ def aggregate_folds(
         return aggregate(job, search, spec, folds, run_name)
     except SpecError as error:
         _mark_failure(job, "spec_error", str(error), retry=False)
+        raise
+    except StoreError as error:
+        _mark_failure(job, "store_error", str(error), retry=False)
         raise
 
 
@@ -262,13 +272,18 @@ class JobProgress:
             return
         self.job.meta["attempts"] = int(self.job.meta.get("attempts", 0)) + 1
         self.job.meta["resumed_from_epoch"] = info.start_epoch
+        if info.fallbacks:
+            self.job.meta["checkpoint_fallback"] = info.fallbacks
         if info.start_epoch:
             self.job.meta["resume_note"] = f"resumed after epoch {info.start_epoch} from {info.checkpoint}"
+        elif info.fallbacks:
+            self.job.meta["resume_note"] = "restarted from epoch 0: " + "; ".join(info.fallbacks)
         elif self.job.meta.get("history"):
             # An earlier attempt trained epochs, but their checkpoint is not on this box's filesystem.
             self.job.meta["resume_note"] = (
                 f"restarted from epoch 0 on {socket.gethostname()}: the checkpoint of epoch "
-                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (share the runs dir to resume)"
+                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (set RUNYARD_STORE on every "
+                "box to a shared path or s3://BUCKET/PREFIX to resume anywhere)"
             )
             log.warning("job %s: %s", self.job.id, self.job.meta["resume_note"])  # not only in the meta
         self.history = [self._row(report) for report in info.history]
@@ -288,6 +303,7 @@ class JobProgress:
         self.job.meta["progress"] = asdict(report)
         self.job.meta["history"] = self.history
         self.job.meta["checkpoint_at"] = time.time()  # the trainer saved this epoch's checkpoint (preemption)
+        self.job.meta["artifacts_pending"] = getattr(report, "store_pending", 0)
         self._save()
         return stop
 

@@ -20,6 +20,7 @@ from rq.job import Job
 from contracts.job_meta import set_failure, update_job_meta
 from trainer.paths import runs_root
 from trainer.spec import load_spec
+from trainer.store import open_store
 from worker.results import get_run, record_run
 from worker.search_trial import parse_payload, search_fields
 
@@ -52,8 +53,12 @@ def write_fold_ensemble(spec: Any, fold_rows: list[dict[str, Any]], run_dir: Pat
     if not spec.eval_dir:
         return {"written": False, "reason": "the spec has no eval_dir"}
     from trainer.infer import load_runs, score_submission, submit
+    from trainer.store import open_store
 
-    runs = load_runs([row["run_dir"] for row in fold_rows], checkpoint="best", device=spec.device)
+    # With a run store the folds are read from it by name (they may have trained on other boxes).
+    remote = open_store(spec.output_dir).remote
+    sources = [row["run_name"] if remote else row["run_dir"] for row in fold_rows]
+    runs = load_runs(sources, checkpoint="best", device=spec.device)
     path = submit(runs, spec.eval_dir, voting="soft", tta=spec.tta, output=run_dir / "submission.csv")
     ensemble: dict[str, Any] = {"written": True, "path": str(path), "voting": "soft", "tta": spec.tta}
     answers = Path(spec.eval_dir).expanduser() / "answers.csv"
@@ -114,6 +119,7 @@ def aggregate(
         "best": best,
         "epochs_completed": sum(record.get("epochs_completed", 0) for record in records),
         "run_dir": str(run_dir),
+        "store": open_store(experiment.output_dir).run_url(run_name),
         "ensemble": ensemble,
         "wandb": wandb_info,
         "job_id": job.id if job is not None else None,
@@ -122,11 +128,21 @@ def aggregate(
     result |= search_fields(payload, metrics[payload.metric.name]["mean"], "finished")
     result["durations"] = {"total_s": sum(record.get("durations", {}).get("total_s", 0.0) for record in records)}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    publish_to_store(experiment, run_name, run_dir, result)
     if connection is not None:
         record_run(connection, result, global_board=False)
         update_job_meta(job.meta, status="finished")
         job.save_meta()
     return result
+
+
+def publish_to_store(experiment: Any, run_name: str, run_dir: Path, result: dict[str, Any]) -> None:
+    """Copy the aggregate's files (result, ensemble submission, W&B run) into the run store."""
+    from trainer.store_sync import StoreSync
+
+    store = open_store(experiment.output_dir)
+    if store.remote:
+        StoreSync(store, run_name, run_dir).finish("finished", {"best": result["best"], "kind": "kfold"})
 
 
 def _log_to_wandb(

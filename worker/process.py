@@ -608,6 +608,13 @@ def _serve(args: argparse.Namespace) -> RunyardWorker | None:
     except RedisUnavailable as error:
         print(f"worker: {error}", file=sys.stderr)
         return None
+    from trainer.store import StoreError, open_store
+
+    try:  # a box that cannot write the run store would train runs no other box can resume or read
+        log.info("worker: %s", open_store().check())
+    except StoreError as error:
+        print(f"worker: {error}; this worker takes no jobs", file=sys.stderr)
+        return None
     code = loaded_code_state()  # before any job: the commit whose code this process imported
     # Import torch, timm and the trainer once, here: every forked work horse then starts training
     # at once instead of spending seconds on the same imports. Importing initialises no CUDA; only
