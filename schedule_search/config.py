@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from contracts.plugins import PRUNERS, SEARCH_METHODS, SearchMethodName
+from contracts.plugins import EARLY_TERMINATE_TYPES, PROMOTERS, SEARCH_METHODS, SearchMethodName
 from publisher.options import merge, read_spec_file
 from schedule_search.parameters import Parameter
 from trainer.spec import NAME_PATTERN, SpecError, field_names
@@ -54,6 +54,7 @@ class EarlyTerminateConfig(BaseModel):
     As in W&B, a run is checked at min_iter, min_iter * eta, min_iter * eta**2, ... epochs and stops
     when it is not in the top 1/eta of the runs that reached that point (with max_iter and s, the
     first check is at max_iter / eta**s). `hyperband_brackets` uses Optuna's bracketed Hyperband.
+    `asha` pauses runs at those rungs instead and promotes the best (schedule_search.methods.asha).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -67,9 +68,15 @@ class EarlyTerminateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_type(self) -> EarlyTerminateConfig:
-        if self.type not in PRUNERS:
-            raise ValueError(f"unknown early_terminate type {self.type!r}; choose one of: {', '.join(PRUNERS)}")
+        if self.type not in EARLY_TERMINATE_TYPES:
+            choices = ", ".join(EARLY_TERMINATE_TYPES)
+            raise ValueError(f"unknown early_terminate type {self.type!r}; choose one of: {choices}")
         return self
+
+    @property
+    def promotes(self) -> bool:
+        """Whether runs are paused and promoted (asha) rather than stopped by a pruner."""
+        return self.type in PROMOTERS
 
     def resolve(self, max_epochs: int) -> EarlyTerminate:
         """Brackets in epochs: max_iter defaults to the most epochs any point trains."""
