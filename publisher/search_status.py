@@ -17,9 +17,10 @@ from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
 from contracts.keys import run_key, search_points_key
+from worker.asha import asha_runs
 from worker.results import get_search, leaderboard
 
-POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
+POINT_STATES = ("queued", "running", "finished", "pruned", "paused", "promoted", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 ALL_ROWS = 100_000
 
@@ -33,7 +34,7 @@ def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, s
     status = job.get_status(refresh=False)
     meta = read_job_meta(job.meta, job.id)
     if status == JobStatus.FINISHED:
-        return ("pruned" if meta.status == "pruned" else "finished"), None
+        return (meta.status if meta.status in ("pruned", "paused") else "finished"), None
     if status == JobStatus.STARTED:
         return "running", job.worker_name
     if status in FAILED_STATUSES:
@@ -85,6 +86,8 @@ def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] 
                 "params": (record or {}).get("params") or meta.get("params") or claim["info"]["params"],
             }
         )
+    if ((definition or {}).get("early_terminate") or {}).get("type") == "asha":
+        _add_rungs(connection, name, rows)
     counts = Counter(row["state"] for row in rows)
     return {
         "search": name,
@@ -92,9 +95,24 @@ def collect_search_status(connection: redis.Redis, name: str) -> dict[str, Any] 
         "metric": metric,
         "points": len(rows),
         "counts": {state: counts.get(state, 0) for state in POINT_STATES},
-        "done": counts.get("finished", 0) + counts.get("pruned", 0),
+        # A paused ASHA run is done until a later rung decision promotes it.
+        "done": counts.get("finished", 0) + counts.get("pruned", 0) + counts.get("paused", 0),
         "rows": rows,
     }
+
+
+def _add_rungs(connection: redis.Redis, name: str, rows: list[dict[str, Any]]) -> None:
+    """An ASHA search's rows get the rung each run reached or is promoted to, and `promoted` while queued."""
+    runs = asha_runs(connection, name)
+    for row in rows:
+        run = runs.get(row["point"]) or {}
+        row["rung"] = run.get("rung", 0)
+        if run.get("state") == "promoted" and row["state"] in ("queued", "paused", "missing"):
+            row["state"], row["detail"] = "promoted", f"to rung {row['rung']}"
+        elif row["state"] == "running":
+            row["detail"] = f"to rung {row['rung']} on {row['detail']}"
+        elif row["state"] == "paused":
+            row["detail"] = f"paused at rung {row['rung']}"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -116,19 +134,38 @@ def search_status_table(status: dict[str, Any]) -> Table:
     method = (status["definition"] or {}).get("method", "?")
     table = Table(title=f"search {status['search']} ({method}): {status['done']}/{status['points']} done; {counts}")
     parameters = _parameter_names(status["definition"], status["rows"])
-    for column in ("#", "run", "state", "epoch", status["metric"]["name"], *parameters, "note"):
+    rungs = any("rung" in row for row in status["rows"])
+    for column in (
+        "#",
+        "run",
+        "state",
+        *(["rung"] if rungs else []),
+        "epoch",
+        status["metric"]["name"],
+        *parameters,
+        "note",
+    ):
         table.add_column(column, justify="right" if column in ("#", "epoch") else "left", overflow="fold")
     for row in status["rows"]:
         epoch = f"{row['epoch'] or 0}/{row['epochs'] or '?'}" if row["kind"] != "aggregate" else "-"
         params = [_fmt(row["params"].get(name)) for name in parameters]
         note = row["detail"] or ("" if row["kind"] in ("run", "trial") else row["kind"])
-        table.add_row(str(row["index"]), row["run_name"], row["state"], epoch, _fmt(row["metric"]), *params, note)
+        rung = [str(row.get("rung", "-"))] if rungs else []
+        table.add_row(
+            str(row["index"]), row["run_name"], row["state"], *rung, epoch, _fmt(row["metric"]), *params, note
+        )
     return table
 
 
 def search_leaderboard(connection: redis.Redis, name: str, limit: int = ALL_ROWS) -> list[dict[str, Any]]:
-    """The search's finished points (k-fold sets as one row), best first by the search's metric."""
-    return leaderboard(connection, limit=limit, search=name)
+    """The search's finished points (k-fold sets as one row), best first by the search's metric.
+
+    An ASHA search ranks by the deepest rung reached first: a run paused at rung 0 has not earned
+    its place above one that trained to the end, whatever its early metric.
+    """
+    rows = leaderboard(connection, limit=ALL_ROWS, search=name)
+    rows.sort(key=lambda row: (row.get("asha") or {}).get("rung", 0), reverse=True)  # stable: metric order kept
+    return rows[:limit]
 
 
 def search_leaderboard_table(rows: list[dict[str, Any]], name: str, definition: dict[str, Any] | None) -> Table:

@@ -26,6 +26,7 @@ from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish
 from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
+from worker.asha import recover_promotions
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
 from worker.results import get_search
 
@@ -199,7 +200,15 @@ def publish_search(
     except BaseException:
         release_claims(connection, search, [(point.id, claim["job_id"]) for point, claim in to_enqueue])
         raise
+    _recover_promotions(connection, search)
     return report
+
+
+def _recover_promotions(connection: redis.Redis, search: Search) -> None:
+    """An ASHA search's paused and promoted points keep their claims (a re-publish restarts none of
+    them); a promotion decided long ago whose job was never enqueued is enqueued now."""
+    if search.asha is not None:
+        recover_promotions(connection, search.name, search.asha)
 
 
 def _enqueue(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ log = logging.getLogger("runyard.asha")
 PROMOTION_LEASE_S = 120
 # The meta a promoted job inherits from the job that paused (what publishing wrote).
 IDENTITY_META = ("run_name", "spec_hash", "model", "epochs", "max_requeues", "search", "point", "kind", "params")
+LOWEST_SCORE = -1e300
 ROOT_JOB_ID = re.compile(r"^(?P<root>.+?)(-rung\d+)?$")
 
 
@@ -204,7 +206,8 @@ def report_rung(
     job: Job,
 ) -> list[Promotion]:
     """Record that `point` reached its rung with `score` (higher is better); the promotions now due."""
-    arguments = [point, settings.rung, repr(float(score)), settings.eta, run_name, job.id]
+    score = float(score) if math.isfinite(score) else LOWEST_SCORE  # a diverged run (NaN loss) ranks last
+    arguments = [point, settings.rung, repr(score), settings.eta, run_name, job.id]
     arguments += [json.dumps(job_template(job)), PROMOTION_LEASE_S, root_job_id(job.id)]
     return _run_script(connection, search, settings, arguments)
 
