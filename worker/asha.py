@@ -66,7 +66,7 @@ class AshaSettings(BaseModel):
     type: PromoterName = "asha"
     min_iter: int = Field(ge=1)
     eta: int = Field(ge=2)
-    max_iter: int = Field(ge=2)
+    max_iter: int = Field(ge=1)
     rung: int = Field(0, ge=0)  # this job's rung: 0 for a new point, k + 1 for a promotion out of rung k
 
     @model_validator(mode="after")
