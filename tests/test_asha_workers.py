@@ -174,6 +174,8 @@ def test_a_worker_killed_while_a_promoted_run_resumes_leaves_it_to_resume_again_
         wait_for(lambda: (_refreshed(promoted).meta.get("resumed_from_epoch") or 0) >= 3, 60, "the resume")
         doomed = promoted.worker_name
         kill_worker(workers[doomed].pid)
+        # The last finished epoch when it died: 3 (the rung's checkpoint it resumed from) or later.
+        done = max(3, (_refreshed(promoted).meta.get("progress") or {}).get("epoch") or 0)
         wait_for(lambda: _refreshed(promoted).get_status() == JobStatus.FINISHED, 240, "the other box to finish it")
     finally:
         for process in workers.values():
@@ -181,7 +183,8 @@ def test_a_worker_killed_while_a_promoted_run_resumes_leaves_it_to_resume_again_
             process.wait(10)
     result = promoted.return_value()
     assert result["status"] == "finished" and result["worker"]["name"] != doomed
-    assert promoted.meta["requeues"] == 1 and result["resumed_from_epoch"] >= 3  # from its checkpoint, not from 0
+    assert promoted.meta["requeues"] == 1 and promoted.meta["requeue_log"][0]["worker"] == doomed
+    assert result["resumed_from_epoch"] == done  # from its run's last checkpoint, not from epoch 0
     straight = train_straight(tiny_spec(demo_data, epochs=9, pictures=False, lr=LEARNING[0]))
     assert val_f1s(Path(result["run_dir"])) == val_f1s(Path(straight["run_dir"]))
 
