@@ -4,7 +4,7 @@
     method: grid                     # grid | random | bayes (schedule_search.methods)
     metric: {name: val_f1, goal: maximize}
     run_cap: 24                      # random/bayes: how many points (grid: at most this many)
-    early_terminate: {type: hyperband, min_iter: 2, eta: 3}
+    early_terminate: {type: hyperband, min_iter: 2, eta: 3}   # or asha (schedule_search.methods.asha)
     base: base-spec.yaml             # optional spec file (relative to this file), and/or
     fixed: {epochs: 30}              # spec fields given inline
     parameters: {...}                # see schedule_search.parameters
