@@ -164,3 +164,19 @@ def test_rungs_are_min_iter_times_powers_of_eta_then_max_iter(settings, rungs):
     asha = AshaSettings(**settings)
     assert asha.rung_epochs() == rungs and asha.pause_epoch() == rungs[0]
     assert AshaSettings(**settings, rung=len(rungs) - 1).pause_epoch() is None  # the top rung trains to the end
+
+
+def test_an_asha_point_stops_at_its_rungs_epoch_ends_paused_and_its_record_names_the_rung():
+    from tests.test_search_trial import report as epoch_report
+    from worker.search_trial import SearchTrial, parse_payload
+
+    payload = {"name": SEARCH, "point": "p", "asha": SETTINGS.model_copy(update={"rung": 1}).model_dump()}
+    trial = SearchTrial(None, parse_payload(payload))
+    assert [trial.should_stop(epoch_report(epoch, 0.1 * epoch)) for epoch in (2, 3)] == [False, True]
+    assert trial.finish({"stopped_early": True, "best": {"val_f1": 0.3}}) == "paused"
+    fields = trial.summary_fields("paused")
+    assert fields["asha"] == {"rung": 1, "rung_epochs": 3, "state": "paused"}
+    assert fields["search_score"] == pytest.approx(0.3)
+    top = SearchTrial(None, parse_payload(payload | {"asha": SETTINGS.model_copy(update={"rung": 2}).model_dump()}))
+    assert not any(top.should_stop(epoch_report(epoch, 0.5)) for epoch in range(4, 10))  # the top rung runs to the end
+    assert top.finish({"stopped_early": False, "best": {"val_f1": 0.5}}) == "finished"

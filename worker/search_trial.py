@@ -271,7 +271,10 @@ class SearchTrial:
         value = float(getattr(report, self.metric.name))
         self.best = value if self.best is None else self.metric.better(self.best, value)
         if self.payload.asha is not None:
-            self.paused = report.epoch == self.payload.asha.pause_epoch()
+            # `>=`: a job run again after it reached its rung (its worker died before the job
+            # ended) resumes past the rung's checkpoint; it pauses after one more epoch, not never.
+            pause = self.payload.asha.pause_epoch()
+            self.paused = pause is not None and report.epoch >= pause
             return self.paused
         if self.trial is None or self.payload.study.early_terminate is None:
             return False
