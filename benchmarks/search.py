@@ -121,8 +121,9 @@ VARIANTS = {
     "hyperband_brackets": {"type": "hyperband_brackets", "min_iter": 1, "eta": 3},
     "hyperband_eta2": {"type": "hyperband", "min_iter": 1, "eta": 2},
     "asha": {"type": "asha", "min_iter": 1, "eta": 3},
+    "asha_eta2": {"type": "asha", "min_iter": 1, "eta": 2},
 }
-GOAL_SHARE = {"asha": 0.4}  # of the grid's epochs; 0.5 for the others
+GOAL_SHARE = {"asha": 0.4, "asha_eta2": 0.4}  # of the grid's epochs; 0.5 for the others
 
 
 def folder_grid(home: Path, epochs: int, profiles: int) -> dict:
