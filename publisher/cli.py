@@ -5,6 +5,7 @@ Nothing here imports torch: `publish --help` stays fast and works on a box witho
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -63,10 +64,41 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+def given_fields(config: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The spec fields the user gave: a --config file (if any) with the typed options on top."""
+    base = read_spec_file(config) if config else {}
+    return merge(base, given_options(parameters))
+
+
 def build_spec(config: str | None, parameters: dict[str, Any]) -> ExperimentSpec:
     """The spec from a --config file (if any) with the typed options on top; SpecError if invalid."""
-    base = read_spec_file(config) if config else {}
-    return load_spec(merge(base, given_options(parameters)))
+    return load_spec(given_fields(config, parameters))
+
+
+def check_crop_here(spec: ExperimentSpec, data_here: bool) -> None:
+    """Refuse a center_crop larger than the dataset's images where this box sees them; else warn."""
+    crop = f"center_crop {spec.center_crop[0]}x{spec.center_crop[1]}"
+    if not data_here or importlib.util.find_spec("PIL") is None:
+        click.echo(
+            f"warning: {crop} is not checked against the images here; the job fails if it does not fit", err=True
+        )
+        return
+    from trainer.image_files import crop_problem, image_files
+
+    problem = crop_problem(tuple(spec.center_crop), image_files(spec.data_dir))
+    if problem:
+        fail(f"invalid spec, nothing enqueued:\n{problem}")
+
+
+def kfold_search_file(fields: dict[str, Any], k: int) -> str:
+    """A search file that publishes `fields` as a k-fold set: k fold jobs and their aggregate."""
+    fixed = {key: value for key, value in fields.items() if key not in ("kfold", "run_name")}
+    document = {"method": "grid", "parameters": {"kfold.k": {"value": k}}}
+    if fixed:
+        document["fixed"] = fixed
+    if fields.get("run_name"):
+        document["name"] = fields["run_name"]
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
 
 
 def enqueue_options(subject: str):
@@ -119,14 +151,28 @@ def publish_command(config, dry_run, as_json, retries, timeout, max_requeues, **
     """
     timeout_s = parse_duration(timeout) if timeout else JOB_TIMEOUT_S
     try:
-        spec = build_spec(config, parameters)
+        fields = given_fields(config, parameters)
+        spec = load_spec(fields)
     except SpecError as error:
         fail(f"invalid spec, nothing enqueued:\n{error}")
-    if not Path(spec.data_dir).expanduser().exists():
+    if spec.kfold.k > 1 and "fold" not in (fields.get("kfold") or {}):
+        # One job would train fold 0 alone, with no aggregate: the set is schedule-search's to fan out.
+        click.echo(
+            f"error: kfold.k={spec.kfold.k} is a cross-validation of {spec.kfold.k} fold jobs and their aggregate, "
+            "and publish queues one job; nothing enqueued.\n"
+            "Save these lines as cv.yaml and run `schedule-search cv.yaml`:\n",
+            err=True,
+        )
+        click.echo(kfold_search_file(fields, spec.kfold.k), err=True)
+        fail(f"(or publish one fold on purpose with --kfold-fold 0..{spec.kfold.k - 1})")
+    data_here = Path(spec.data_dir).expanduser().exists()
+    if not data_here:
         click.echo(
             f"warning: data_dir {spec.data_dir} does not exist on this box; the workers must see it there",
             err=True,
         )
+    if spec.center_crop:
+        check_crop_here(spec, data_here)
     if dry_run:
         payload = spec.to_payload()
         if as_json:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from publisher.yaml_file import YamlFileError, read_yaml_file
 from trainer.spec import ExperimentSpec, SpecError
 
 
@@ -117,13 +117,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     """A YAML (or JSON) mapping of spec fields; dotted keys (`wandb.project`) are nested."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read it ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        data = read_yaml_file(path)
+    except YamlFileError as error:
+        raise SpecError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

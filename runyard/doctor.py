@@ -2,7 +2,8 @@
 
 Checks Redis (reachable, version, AOF), the workers registered there (per box), the GPUs NVML
 sees here, the W&B mode a worker started here would use, and a dataset's layout with its image
-count per class. Nothing here imports torch or wandb, and nothing is started or changed.
+count per class, decoding every image (Pillow) to list the ones a job could not read. Nothing
+here imports torch or wandb, and nothing is started or changed.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import click
 import redis
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rq import Worker
 from rq.serializers import JSONSerializer
@@ -172,8 +176,17 @@ def check_wandb() -> Check:
     )
 
 
-def check_data(data_dir: Path | None, dataset: str) -> Check:
-    """The dataset's layout, with images per class; a broken layout is one line naming the fix."""
+def check_data(
+    data_dir: Path | None,
+    dataset: str,
+    sample: int | None = None,
+    progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
+) -> Check:
+    """The dataset's layout, with images per class, and every image decoded (or `sample` of them).
+
+    A broken layout is one line naming the fix; undecodable images are listed by path.
+    `progress` wraps the paths being decoded (a progress bar).
+    """
     from trainer.data import DataError, class_name, scan_image_folder, scan_mask_dataset
 
     if data_dir is None:
@@ -196,19 +209,57 @@ def check_data(data_dir: Path | None, dataset: str) -> Check:
         return Check("data", FAIL, f"{message}")
     except OSError as error:
         return Check("data", FAIL, f"cannot read {data_dir} ({error.strerror}): check the path and its permissions")
-    counts = Counter(sample.label for sample in samples)
+    counts = Counter(item.label for item in samples)
     per_class = {name: counts.get(label, 0) for label, name in enumerate(class_names)}
-    profiles = len({sample.profile for sample in samples})
+    profiles = len({item.profile for item in samples})
     empty = [name for name, count in per_class.items() if count == 0]
     data = {"data_dir": str(data_dir), "dataset": dataset, "images": len(samples), "per_class": per_class}
     summary = f"{data_dir} ({dataset}): {len(samples)} images, {profiles} profiles, {len(per_class) - len(empty)}/"
     summary += f"{len(per_class)} classes with images"
+    decoded = decode_check([item.path for item in samples], sample, progress)
+    if decoded is None:
+        return Check("data", WARN, f"{summary}; images not decoded: Pillow is missing (pip install 'runyard[train]')")
+    checked, unreadable = decoded
+    data |= {"decoded": checked, "unreadable": unreadable}
+    summary += f", {checked} decoded" + (f" (--sample {sample})" if checked < len(samples) else "")
+    if unreadable:
+        shown = [f"{path} ({reason})" for path, reason in list(unreadable.items())[:10]]
+        more = f"; and {len(unreadable) - len(shown)} more" if len(unreadable) > len(shown) else ""
+        return Check(
+            "data",
+            FAIL,
+            f"{summary}; {len(unreadable)} cannot be decoded: {'; '.join(shown)}{more}. Replace or delete them, "
+            "or train with bad_images: skip (each is then logged and counted in the result)",
+            data,
+        )
     if empty:
         return Check("data", WARN, f"{summary}; none for {', '.join(empty)}: macro F1 counts those classes", data)
     return Check("data", OK, summary, data)
 
 
-def run_checks(data_dir: Path | None, dataset: str) -> list[Check]:
+def decode_check(
+    paths: list[str], sample: int | None, progress: Callable[[Sequence[str]], Iterable[str]] | None = None
+) -> tuple[int, dict[str, str]] | None:
+    """(images decoded, path -> reason for those that fail); None where Pillow is not installed."""
+    if importlib.util.find_spec("PIL") is None:
+        return None
+    from trainer.image_files import unreadable_reason
+
+    chosen = sorted(random.Random(0).sample(paths, sample)) if sample is not None and sample < len(paths) else paths
+    unreadable = {}
+    for path in progress(chosen) if progress is not None else chosen:
+        reason = unreadable_reason(path)
+        if reason is not None:
+            unreadable[path] = reason
+    return len(chosen), unreadable
+
+
+def run_checks(
+    data_dir: Path | None,
+    dataset: str,
+    sample: int | None = None,
+    progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
+) -> list[Check]:
     """Every check, in the order a user would fix them."""
     redis_check, connection = check_redis()
     checks = [redis_check]
@@ -216,7 +267,7 @@ def run_checks(data_dir: Path | None, dataset: str) -> list[Check]:
         checks += [Check(name, SKIP, "needs Redis") for name in ("aof", "workers")]
     else:
         checks += [check_persistence(connection), check_workers(connection)]
-    return [*checks, check_gpus(), check_wandb(), check_data(data_dir, dataset)]
+    return [*checks, check_gpus(), check_wandb(), check_data(data_dir, dataset, sample, progress)]
 
 
 def per_class_table(per_class: dict[str, int]) -> Table:
@@ -244,6 +295,19 @@ def _count(count: int) -> str:
     return str(count) if count else "[red]0"
 
 
+def decoding_progress(paths: Sequence[str]) -> Iterable[str]:
+    """`paths`, with a progress bar on stderr while they are decoded."""
+    with Progress(
+        TextColumn("decoding images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as bar:
+        yield from bar.track(paths, total=len(paths))
+
+
 STYLES = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "bright_black"}
 
 
@@ -260,9 +324,14 @@ STYLES = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "bright_black"}
     show_default=True,
     help="Layout of --data-dir.",
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(1, None),
+    help="Decode only this many of the dataset's images, picked at random, for a quick look.  [default: all]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def doctor_command(data_dir, dataset, as_json):
-    """Check this box: Redis, AOF, workers per box, GPUs, W&B mode, a dataset's layout.
+def doctor_command(data_dir, dataset, sample, as_json):
+    """Check this box: Redis, AOF, workers per box, GPUs, W&B mode, a dataset's layout and images.
 
     Each check prints one line; anything not ok says what to do. Exit code 1 when a check
     fails (warnings do not fail).
@@ -270,9 +339,10 @@ def doctor_command(data_dir, dataset, as_json):
     \b
     Examples:
       runyard doctor --data-dir /data/mask/train
+      runyard doctor --data-dir /data/mask/train --sample 500    # decode 500 images, not all
       REDIS_URL=redis://:PASSWORD@redis-box:6379/0 runyard doctor --json
     """
-    checks = run_checks(data_dir, dataset)
+    checks = run_checks(data_dir, dataset, sample, None if as_json else decoding_progress)
     failed = any(check.status == FAIL for check in checks)
     if as_json:
         click.echo(json.dumps({"ok": not failed, "checks": [asdict(check) for check in checks]}, indent=2))

@@ -78,6 +78,7 @@ def infer_command(runs, eval_dir, output, voting, tta, checkpoint, batch_size, d
       runyard infer runs/cv_fold0 runs/cv_fold1 runs/cv_fold2 --eval-dir data/eval --tta hflip
       runyard infer RUN_A RUN_B RUN_C --eval-dir data/eval --voting hard -o ensemble.csv
     """
+    from trainer.data import DataError
     from trainer.infer import InferenceError, choose_voting, load_runs, read_eval_dir, score_submission, submit
 
     def say(message: str) -> None:
@@ -86,11 +87,18 @@ def infer_command(runs, eval_dir, output, voting, tta, checkpoint, batch_size, d
     try:
         read_eval_dir(eval_dir)  # a bad eval dir is reported before any model is loaded
         loaded = load_runs(runs, checkpoint, device)
+        for run in loaded:
+            if not (run.run_dir / "result.json").is_file():
+                # A run writes result.json only when it finishes: this one failed, was cancelled or still runs.
+                say(
+                    f"warning: run {run.run_dir.name} did not finish (no result.json): its {checkpoint} checkpoint "
+                    "may be from an early epoch; `runyard status` says why it stopped"
+                )
         used_voting = choose_voting(loaded, voting)
         path = submit(loaded, eval_dir, used_voting, tta, output, batch_size, progress=say)
         answers = answers or (eval_dir / "answers.csv" if (eval_dir / "answers.csv").is_file() else None)
         score = score_submission(path, answers, loaded[0].num_classes) if answers else None
-    except InferenceError as error:
+    except (InferenceError, DataError) as error:
         fail(str(error))
     summary = {"submission": str(path), "runs": len(runs), "voting": used_voting, "tta": tta, "score": score}
     if as_json:

@@ -27,13 +27,13 @@ import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contracts.plugins import EARLY_TERMINATE_TYPES, PROMOTERS, SEARCH_METHODS, SearchMethodName
 from publisher.options import merge, read_spec_file
+from publisher.yaml_file import YamlFileError, read_yaml_file
 from schedule_search.parameters import Parameter
-from trainer.spec import NAME_PATTERN, SpecError, field_names
+from trainer.spec import MAX_ERROR_LINES, NAME_PATTERN, SpecError, capped_lines, field_names
 from worker.search_trial import EarlyTerminate, Metric
 
 SEARCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -131,15 +131,9 @@ def read_search_file(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in `path`; SearchError if unreadable."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise SearchError(f"{path}: cannot read it ({error.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SearchError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        data = read_yaml_file(path)
+    except YamlFileError as error:
+        raise SearchError(str(error)) from None
     if not isinstance(data, dict):
         raise SearchError(f"{path}: a search file is a mapping (method:, parameters:, ...), not {type(data).__name__}")
     return data
@@ -151,7 +145,8 @@ def parse_config(data: dict[str, Any], source: str) -> SearchConfig:
         return SearchConfig.model_validate(data)
     except ValidationError as error:
         lines = []
-        for item in error.errors():
+        items = error.errors()
+        for item in items[:MAX_ERROR_LINES]:
             location = ".".join(str(part) for part in item["loc"]) or "search"
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
@@ -163,7 +158,7 @@ def parse_config(data: dict[str, Any], source: str) -> SearchConfig:
                 choices = f"{', '.join(SEARCH_METHODS[:-1])} or {SEARCH_METHODS[-1]}"
                 message = "required" + (f": {choices}" if location == "method" else "")
             lines.append(f"{source}: {location}: {message}")
-        raise SearchError("\n".join(lines)) from None
+        raise SearchError(capped_lines(lines, len(items))) from None
 
 
 def searchable_names() -> list[str]:
@@ -189,7 +184,10 @@ def flatten_parameters(raw: dict[str, Any], source: str, prefix: str = "") -> di
     known = set(searchable_names())
     flat: dict[str, Parameter] = {}
     errors: list[str] = []
-    for key, definition in raw.items():
+    for checked, (key, definition) in enumerate(raw.items()):
+        if len(errors) >= MAX_ERROR_LINES:
+            errors.append(f"... and {len(raw) - checked:,} more parameter(s) not checked; fix these first")
+            break
         name = f"{prefix}{key}"
         where = f"{source}: parameters.{name}"
         if not isinstance(definition, dict):

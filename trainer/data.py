@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.image_files import IMAGE_SUFFIXES
+
 NUM_CLASSES = 18
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 MASK_STATES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 GENDERS = {"male": 0, "female": 1}
 MASK_NAMES = ("wear", "incorrect", "not wear")
@@ -25,6 +26,23 @@ AGE_NAMES = ("<30", "30-59", ">=60")
 
 class DataError(ValueError):
     """The dataset is missing or malformed; the message names the path and what was expected."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_without_worker_traceback(message, type(self)))
+
+
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (truncated, empty, not an image); the message names it."""
+
+
+def _without_worker_traceback(message: str, kind: type) -> str:
+    # A DataLoader worker's exception reaches the training process rebuilt from one string:
+    # "Caught X in DataLoader worker process N. Original Traceback ...: trainer.data.X: <message>".
+    # The user needs the message, which names the file, not the worker's stack.
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    if message.startswith(f"Caught {kind.__name__} ") and marker in message:
+        return message[message.rindex(marker) + len(marker) :].rstrip()
+    return message
 
 
 @dataclass(frozen=True)

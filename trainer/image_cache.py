@@ -1,9 +1,9 @@
 """Decode once: each image's recipe prefix (decode, centre crop, resize) kept as uint8.
 
 Where the decoded images live (the spec's `image_cache`):
-- memory: one shared anonymous mapping per job, filled the first time each image is read (in
-  epoch 1, by whichever process reads it: DataLoader workers are forked after the mapping exists,
-  so they all fill and read the same pages); later epochs only read. It needs
+- memory: one shared anonymous mapping per job, filled before training starts by DataLoader
+  processes forked after the mapping exists (so they fill the pages the training process and its
+  loader workers then read); epochs only read. It needs
   images x 3 x height x width bytes of RAM (3.8 GB for the 18,900 competition photos at 260x260);
   when that is more than half of this worker's share of the box's free memory, the job decodes
   every time instead and says so.
@@ -13,6 +13,10 @@ Where the decoded images live (the spec's `image_cache`):
   any change of the key's parts (file list, sizes, mtimes, crop and size, relabel file) gives a
   new key, so a stale cache is never read. Delete the folder to reclaim the space.
 - none: decode every time.
+
+A file that cannot be decoded (truncated, empty, not an image) is an UnreadableImage naming it:
+filling a store collects every such file (a disk store's manifest keeps the list), and the
+loaders fail the job or skip them as the spec's `bad_images` says.
 
 Images are decoded with torchvision.io.decode_image (libjpeg-turbo), measured at 2.4x PIL's
 speed for 512x384 JPEGs on cpu-2 (BENCHMARKS.md).
@@ -38,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from trainer.augment import Prefix
+from trainer.data import UnreadableImage
+from trainer.image_files import FIX
 
 log = logging.getLogger("runyard.trainer")
 
@@ -45,12 +51,24 @@ FORMAT_VERSION = 1
 
 
 def decode(path: str) -> torch.Tensor:
-    """An image file as uint8 RGB [3, height, width]."""
+    """An image file as uint8 RGB [3, height, width]; UnreadableImage naming the file if it cannot be."""
     # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which runyard does not
     # install yet; they remain the fastest decoder here, so the warning (one per call) is muted.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(path, mode=ImageReadMode.RGB)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise UnreadableImage(f"{path}: cannot decode this image ({_decode_reason(error)}); {FIX}") from None
+
+
+def _decode_reason(error: Exception) -> str:
+    """torchvision's message without its C++ source location: 'decode_jpeg, .../x.cpp:171, Image is truncated'."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1] if ".cpp:" in text else text
+    return text.split(". ", 1)[0]  # "Unsupported image file. Only jpeg, png, ..." -> its first sentence
 
 
 class ImageStore:
@@ -70,6 +88,7 @@ class ImageStore:
         self.images = flat[: count * 3 * height * width].view(count, 3, height, width)
         self.filled = flat[count * 3 * height * width : count * 3 * height * width + count]
         self.positions = {path: position for position, path in enumerate(self.paths)}
+        self.unreadable: dict[str, str] = {}  # path -> why it cannot be decoded, found by `fill`
 
     @staticmethod
     def nbytes(count: int, prefix: Prefix) -> int:
@@ -103,36 +122,67 @@ class ImageStore:
         self.filled[position] = 1  # after the pixels: a reader that sees the flag sees the image
         return image
 
-    def fill(self, workers: int, progress: Callable[[int, int], None] | None = None) -> None:
-        """Decode every image not yet in the store, with `workers` DataLoader processes."""
+    def fill(self, workers: int, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+        """Decode every image not yet in the store, with `workers` DataLoader processes.
+
+        Returns (and keeps in `unreadable`) the files that cannot be decoded, with the reason.
+        """
         missing = [position for position in range(len(self.paths)) if not self.filled[position]]
-        loader = DataLoader(
-            _Filler(self, missing),
-            batch_size=32,
-            num_workers=workers,
-            collate_fn=len,
-            multiprocessing_context=fork_context() if workers else None,
-        )
-        done = 0
-        for count in loader:
-            done += count
-            if progress is not None:
-                progress(done, len(missing))
+        self.unreadable.update(_decode_all([self.paths[position] for position in missing], workers, self, progress))
+        return self.unreadable
 
 
-class _Filler(Dataset):
-    """Loads (decodes and stores) the images at `positions`; yields nothing worth sending back."""
+def find_unreadable(
+    paths: Sequence[str], workers: int, progress: Callable[[int, int], None] | None = None
+) -> dict[str, str]:
+    """Decode every file of `paths` once, keeping nothing: path -> reason for those that fail."""
+    return _decode_all(list(paths), workers, None, progress)
 
-    def __init__(self, store: ImageStore, positions: list[int]):
+
+def _decode_all(
+    paths: list[str], workers: int, store: ImageStore | None, progress: Callable[[int, int], None] | None
+) -> dict[str, str]:
+    loader = DataLoader(
+        _Decoder(paths, store),
+        batch_size=32,
+        num_workers=workers,
+        collate_fn=_failures_of_batch,
+        multiprocessing_context=fork_context() if workers else None,
+    )
+    unreadable: dict[str, str] = {}
+    done = 0
+    for count, failures in loader:
+        done += count
+        unreadable.update(failures)
+        if progress is not None:
+            progress(done, len(paths))
+    return unreadable
+
+
+def _failures_of_batch(items: list[tuple[str, str] | None]) -> tuple[int, dict[str, str]]:
+    return len(items), dict(item for item in items if item is not None)
+
+
+class _Decoder(Dataset):
+    """Decodes `paths` (into `store`, when given); an item is (path, reason) for a file that fails, else None."""
+
+    def __init__(self, paths: list[str], store: ImageStore | None):
+        self.paths = paths
         self.store = store
-        self.positions = positions
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.paths)
 
-    def __getitem__(self, index: int) -> int:
-        self.store.load(self.positions[index])
-        return 1
+    def __getitem__(self, index: int) -> tuple[str, str] | None:
+        path = self.paths[index]
+        try:
+            if self.store is not None:
+                self.store.load(self.store.positions[path])
+            else:
+                decode(path)
+        except UnreadableImage as error:
+            return path, str(error)
+        return None
 
 
 def fork_context() -> str | None:
@@ -193,9 +243,11 @@ def open_disk_store(
                 _build(paths, prefix, identity, folder, workers)
                 built = True
             fcntl.flock(lock, fcntl.LOCK_UN)
+    store = ImageStore.from_file(paths, prefix, data)
+    store.unreadable = json.loads(manifest.read_text()).get("unreadable", {})
     if not built:
         log.info("image cache %s: %d images of %dx%d, built earlier", folder, len(paths), *prefix.size)
-    return ImageStore.from_file(paths, prefix, data), built
+    return store, built
 
 
 def _build(paths: Sequence[str], prefix: Prefix, identity: dict[str, Any], folder: Path, workers: int) -> None:
@@ -220,7 +272,7 @@ def _build(paths: Sequence[str], prefix: Prefix, identity: dict[str, Any], folde
             rate = done / max(time.perf_counter() - started, 1e-9)
             log.info("image cache: %d/%d images decoded (%.0f img/s)", done, total, rate)
 
-    store.fill(workers, progress)
+    unreadable = store.fill(workers, progress)
     store.buffer.flush()
     store.buffer.close()
     os.replace(temporary, folder / "images.u8")
@@ -233,6 +285,7 @@ def _build(paths: Sequence[str], prefix: Prefix, identity: dict[str, Any], folde
         "built_by": {"host": socket.gethostname(), "pid": os.getpid()},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - started, 3),
+        "unreadable": unreadable,  # later jobs learn the bad files without decoding them again
     }
     manifest_temporary = folder / f"manifest.json.{os.getpid()}.tmp"
     manifest_temporary.write_text(json.dumps(record, indent=2))
@@ -267,4 +320,8 @@ def open_store(
             memory_budget / 2**30,
         )
         return None
-    return ImageStore.in_memory(paths, prefix)
+    store = ImageStore.in_memory(paths, prefix)
+    # Filled now rather than as epoch 1 reads it: a bad file is found before training starts, even
+    # one that epoch 1 never reads (the dropped last partial batch).
+    store.fill(workers)
+    return store

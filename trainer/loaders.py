@@ -22,7 +22,9 @@ from trainer import augment, cores
 from trainer.augment import Prefix, Recipe
 from trainer.data import (
     NUM_CLASSES,
+    DataError,
     Sample,
+    UnreadableImage,
     class_name,
     image_folder_classes,
     profile_group,
@@ -30,7 +32,8 @@ from trainer.data import (
     scan_mask_dataset,
     split_by_profile,
 )
-from trainer.image_cache import ImageStore, available_memory, decode, fork_context, open_store
+from trainer.image_cache import ImageStore, available_memory, decode, find_unreadable, fork_context, open_store
+from trainer.image_files import FIX, crop_problem
 from trainer.kfold import kfold_split
 from trainer.paths import runyard_home
 from trainer.relabel import corrections_file, load_corrections
@@ -42,10 +45,13 @@ log = logging.getLogger("runyard.trainer")
 class ImageDataset(Dataset):
     """A split's images as their recipe prefix (uint8 [3, H, W]) with labels; read from `store` when given."""
 
-    def __init__(self, samples: list[Sample], prefix: Prefix, store: ImageStore | None = None):
+    def __init__(
+        self, samples: list[Sample], prefix: Prefix, store: ImageStore | None = None, skipped: Sequence[str] = ()
+    ):
         self.samples = samples
         self.prefix = prefix
         self.store = store
+        self.skipped = list(skipped)  # files of this split left out by `bad_images: skip`
         self.positions = [store.positions[sample.path] for sample in samples] if store is not None else None
 
     def __len__(self) -> int:
@@ -108,6 +114,55 @@ def image_stores(
             stores[prefix] = open_store(spec.image_cache, paths, prefix, identity, root, workers, budget)
             budget -= ImageStore.nbytes(len(paths), prefix)
     return stores
+
+
+def unreadable_images(
+    spec: ExperimentSpec, samples: list[Sample], stores: dict[Prefix, ImageStore | None], workers: int
+) -> dict[str, str]:
+    """The dataset's files that cannot be decoded (path -> reason), as filling the stores found them.
+
+    Without a store the files are decoded once now only for `bad_images: skip`; with `fail` a bad
+    file then fails the job when a loader reaches it.
+    """
+    unreadable: dict[str, str] = {}
+    for store in stores.values():
+        if store is not None:
+            unreadable.update(store.unreadable)
+    if None in stores.values() and spec.bad_images == "skip":
+        log.info("bad_images: skip: decoding %d images once to find the bad ones", len(samples))
+        unreadable.update(find_unreadable([sample.path for sample in samples], workers))
+    return unreadable
+
+
+def refuse_or_skip(
+    spec: ExperimentSpec, unreadable: dict[str, str], splits: Sequence[list[Sample]]
+) -> list[tuple[list[Sample], list[str]]]:
+    """Each split without the unreadable files, and those it lost; UnreadableImage for `bad_images: fail`."""
+    if unreadable and spec.bad_images == "fail":
+        shown = sorted(unreadable)[:10]
+        more = f"\n... and {len(unreadable) - len(shown)} more" if len(unreadable) > len(shown) else ""
+        reasons = "\n".join(unreadable[path].removesuffix(f"; {FIX}") for path in shown)
+        raise UnreadableImage(
+            f"{len(unreadable)} image(s) of {spec.data_dir} cannot be decoded:\n{reasons}{more}\n{FIX}"
+        )
+    kept = []
+    for split in splits:
+        lost = [sample.path for sample in split if sample.path in unreadable]
+        for path in lost:
+            log.warning("bad_images: skip: skipping %s", unreadable[path].removesuffix(f"; {FIX}"))
+        kept.append(([sample for sample in split if sample.path not in unreadable], lost))
+    if unreadable:
+        log.warning("bad_images: skip: %d unreadable image(s) left out of training and validation", len(unreadable))
+    if not all(split for split, _ in kept):
+        raise DataError(f"{spec.data_dir}: no readable images are left in the train or validation split")
+    return kept
+
+
+def check_crop(spec: ExperimentSpec, samples: list[Sample]) -> None:
+    """Refuse a center_crop that does not fit the dataset's first readable image (before any decoding)."""
+    problem = crop_problem(tuple(spec.center_crop), (sample.path for sample in samples)) if spec.center_crop else None
+    if problem:
+        raise DataError(problem)
 
 
 def load_samples(spec: ExperimentSpec) -> tuple[list[Sample], int]:
@@ -180,11 +235,16 @@ def build_loaders(
     workers = loader_workers(spec, device)
     train_recipe = augment.train_recipe(spec.augmentation, size, mean, std, crop)
     eval_recipe = augment.eval_recipe(size, mean, std, crop)
+    check_crop(spec, samples)
     stores = image_stores(spec, samples, [train_recipe.prefix, eval_recipe.prefix], workers)
+    unreadable = unreadable_images(spec, samples, stores, workers)
+    (train_samples, train_skipped), (val_samples, val_skipped) = refuse_or_skip(
+        spec, unreadable, [train_samples, val_samples]
+    )
     num_classes = max(sample.label for sample in samples) + 1
     sampler = balanced_sampler(train_samples, num_classes, spec.seed) if spec.balanced_sampler else None
     train_loader = DataLoader(
-        ImageDataset(train_samples, train_recipe.prefix, stores[train_recipe.prefix]),
+        ImageDataset(train_samples, train_recipe.prefix, stores[train_recipe.prefix], train_skipped),
         batch_size=spec.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
@@ -199,6 +259,7 @@ def build_loaders(
     val_loader = build_eval_loader(
         spec, val_samples, mean, std, device, persistent=True, store=stores[eval_recipe.prefix]
     )
+    val_loader.dataset.skipped = val_skipped
     return train_loader, val_loader
 
 

@@ -60,8 +60,13 @@ NON_RESULT_FIELDS = frozenset(
         "min_batch_size",
         "image_cache",
         "compile",
+        # It changes what is trained only when files are broken, and then the result counts them.
+        "bad_images",
     }
 )
+
+# Problems one error message lists: a file of 100,000 unknown keys gets 20 lines, not 72 MB.
+MAX_ERROR_LINES = 20
 
 SECRET_WORDS = ("key", "token", "password", "passwd", "secret")
 # Values that carry a secret: a password inside a URL, or an API-key-like token (W&B keys are 40 hex).
@@ -129,6 +134,11 @@ class WandbSettings(BaseModel):
     entity: Annotated[str | None, Field(pattern=NAME_PATTERN)] = None
     group: Annotated[str | None, Field(pattern=NAME_PATTERN)] = None
     tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=20)] = []
+
+    @field_validator("project", "entity", "group")
+    @classmethod
+    def _no_secret_names(cls, value: str | None) -> str | None:
+        return reject_secret(value)
 
     @field_validator("tags", mode="before")
     @classmethod
@@ -256,6 +266,11 @@ class ExperimentSpec(BaseModel):
     pictures: bool = Field(
         True, description="save (and log to W&B) the confusion matrix, per-class F1 and a validation grid"
     )
+    bad_images: Literal["fail", "skip"] = Field(
+        "fail",
+        description="an image that cannot be decoded: fail the job naming it, or skip it (logged, counted in the"
+        " result)",
+    )
 
     # Where and how it runs (not part of the spec hash)
     run_name: Annotated[str | None, Field(pattern=NAME_PATTERN)] = Field(
@@ -305,6 +320,16 @@ class ExperimentSpec(BaseModel):
             return None
         return parse_size(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_min_batch_size(cls, data: Any) -> Any:
+        # The default floor (8) never exceeds the batch a spec asks for: batch_size 4 alone is fine.
+        if isinstance(data, dict) and "min_batch_size" not in data:
+            batch_size = data.get("batch_size", cls.model_fields["batch_size"].default)
+            if isinstance(batch_size, int) and 1 <= batch_size < cls.model_fields["min_batch_size"].default:
+                data = data | {"min_batch_size": batch_size}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         if self.dataset != "mask" and self.heads == "multi":
@@ -313,6 +338,11 @@ class ExperimentSpec(BaseModel):
             raise ValueError("relabel corrects mask-dataset profiles; use relabel: none with image_folder")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.min_batch_size > self.batch_size:
+            raise ValueError(
+                f"min_batch_size ({self.min_batch_size}) is larger than batch_size ({self.batch_size}): "
+                f"out-of-memory halving can only go down; use a min_batch_size of at most {self.batch_size}"
+            )
         return self
 
     @field_validator("optimizer", mode="before")
@@ -340,7 +370,7 @@ class ExperimentSpec(BaseModel):
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value)
 
-    @field_validator("data_dir", "output_dir")
+    @field_validator("data_dir", "output_dir", "run_name", "queue")
     @classmethod
     def _no_secret_paths(cls, value: str | None) -> str | None:
         return reject_secret(value)
@@ -392,10 +422,20 @@ def current_host() -> str:
     return socket.gethostname().split(".")[0]
 
 
+def capped_lines(lines: list[str], total: int | None = None) -> str:
+    """The first MAX_ERROR_LINES of `lines`, then how many more there are (of `total`, if given)."""
+    total = len(lines) if total is None else total
+    shown = lines[:MAX_ERROR_LINES]
+    if total > len(shown):
+        shown.append(f"... and {total - len(shown):,} more problem(s); fix these first")
+    return "\n".join(shown)
+
+
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem: `field: message (got value)`."""
+    """One line per problem, `field: message (got value)`, at most MAX_ERROR_LINES of them."""
     lines = []
-    for item in error.errors():
+    items = error.errors()
+    for item in items[:MAX_ERROR_LINES]:
         location = ".".join(str(part) for part in item["loc"]) or "spec"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -412,7 +452,7 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
         hidden = item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or "secrets never" in message
         shown = "" if hidden else f" (got {got!r})"  # a secret is never echoed back
         lines.append(f"{prefix}{location}: {message}{shown}")
-    return "\n".join(lines)
+    return capped_lines(lines, len(items))
 
 
 def field_names(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> list[str]:
@@ -431,8 +471,18 @@ def load_spec(data: dict[str, Any]) -> ExperimentSpec:
     """Validate a dict into a spec, raising SpecError with one readable line per problem."""
     if not isinstance(data, dict):
         raise SpecError(f"a spec must be a mapping of field: value, got {type(data).__name__}")
+    known = ExperimentSpec.model_fields.keys()  # looked up once: a million lookups of the property take seconds
+    unknown = [key for key in data if key not in known]
+    if len(unknown) > MAX_ERROR_LINES:
+        # Said once, before pydantic lists every one of a million keys with its own line.
+        shown = ", ".join(repr(str(key)[:40]) for key in unknown[:MAX_ERROR_LINES])
+        raise SpecError(
+            f"spec: {len(unknown):,} unknown fields ({shown}, ...); is it the right file? "
+            f"valid fields are: {', '.join(field_names())}",
+            [str(key) for key in unknown[:MAX_ERROR_LINES]],
+        )
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as error:
-        fields = [".".join(str(part) for part in item["loc"]) for item in error.errors()]
+        fields = [".".join(str(part) for part in item["loc"]) for item in error.errors()[:MAX_ERROR_LINES]]
         raise SpecError(format_validation_error(error), fields) from None

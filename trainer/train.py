@@ -134,6 +134,7 @@ class Trainer:
         self.forward = compute.prepare_model(self.model, self.compute)
         mean, std = normalization(self.model)
         self.train_loader, self.val_loader = build_loaders(spec, samples, mean, std, self.device)
+        self.skipped_images = self.train_loader.dataset.skipped + self.val_loader.dataset.skipped
         self.class_counts = class_counts(self.train_loader.dataset.samples, self.num_classes)
         self.loss_fn = create_criterion(spec, self.num_classes, self.class_counts).to(self.device)
         self.mixer = BatchMixer(spec.mixup, spec.cutmix) if spec.mixup or spec.cutmix else None
@@ -472,7 +473,12 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "device": str(self.device),
             "parameters": parameter_count(self.model),
-            "images": {"train": len(self.train_loader.dataset), "val": len(self.val_loader.dataset)},
+            "images": {
+                "train": len(self.train_loader.dataset),
+                "val": len(self.val_loader.dataset),
+                "skipped": len(self.skipped_images),
+            },
+            "skipped_images": self.skipped_images,  # bad_images: skip: what the run was not trained on
             "durations": {
                 "total_s": round(time.perf_counter() - self.started, 3),
                 "setup_s": round(setup_seconds, 3),

@@ -2,9 +2,11 @@
 
 Before each dequeue a GPU worker asks NVML (nvidia-ml-py) how much memory the compute processes
 on its GPU hold; above the threshold (RUNYARD_GPU_BUSY_FRACTION, default 0.25, `worker
---gpu-busy-above`) it waits and asks again, so a colleague's notebook is not pushed into an
-out-of-memory error. The worker's own parent never touches CUDA and its work horse has exited
-by then, so whatever NVML lists belongs to someone else. CPU workers skip the check.
+--gpu-busy-above`) it waits and asks again (every RUNYARD_GPU_POLL_SECONDS, default 30), so a
+colleague's notebook is not pushed into an out-of-memory error. While it waits, the reason is in
+the worker's heartbeat record (`gpu_wait`) for whoever wonders why. The worker's own parent never
+touches CUDA and its work horse has exited by then, so whatever NVML lists belongs to someone else.
+CPU workers skip the check.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def busy_fraction() -> float:
     except ValueError:
         return DEFAULT_BUSY_FRACTION
     return min(max(value, 0.0), 1.0)
+
+
+def poll_seconds() -> float:
+    """Seconds between NVML checks while the GPU is busy (RUNYARD_GPU_POLL_SECONDS, default 30)."""
+    try:
+        value = float(os.environ.get("RUNYARD_GPU_POLL_SECONDS", POLL_SECONDS))
+    except ValueError:
+        return POLL_SECONDS
+    return min(max(value, 0.5), 3600.0)
 
 
 def pinned_gpu() -> int | None:
@@ -64,6 +75,7 @@ class GpuCheck:
         self.index = index
         self.fraction = fraction
         self.poll_seconds = poll_seconds
+        self.waiting: str | None = None  # why the worker is waiting now (None: it is not)
 
     @classmethod
     def from_environment(cls) -> GpuCheck | None:
@@ -78,7 +90,7 @@ class GpuCheck:
         except Exception as error:  # no driver, no library: nothing to be polite about
             log.warning("GPU %d: NVML unavailable (%s); not checking for other processes", index, error)
             return None
-        return cls(pynvml, index, busy_fraction())
+        return cls(pynvml, index, busy_fraction(), poll_seconds())
 
     def wait_until_free(self, while_waiting: Callable[[], None] = lambda: None) -> float:
         """Block while others hold the GPU; returns the seconds waited. Logs when waiting starts and ends."""
@@ -91,7 +103,9 @@ class GpuCheck:
                 raise
             except Exception as error:  # NVML hiccup: do not hold the queue hostage
                 log.warning("GPU %d: NVML query failed (%s); taking jobs anyway", self.index, error)
+                self.waiting = None
                 return time.monotonic() - started
+            self.waiting = reason
             if reason is None:
                 if told:
                     log.info("GPU %d is free again after %.0f s; taking jobs", self.index, time.monotonic() - started)

@@ -225,6 +225,7 @@ class JobProgress:
                 f"restarted from epoch 0 on {socket.gethostname()}: the checkpoint of epoch "
                 f"{self.job.meta['history'][-1]['epoch']} is not reachable here (share the runs dir to resume)"
             )
+            log.warning("job %s: %s", self.job.id, self.job.meta["resume_note"])  # not only in the meta
         self.history = [self._row(report) for report in info.history]
         self.job.meta["history"] = self.history
         if info.adjustments:

@@ -173,7 +173,10 @@ class RunyardWorker(Worker):
 
     def _heartbeat_details(self) -> dict:
         running = self._running
-        return {"horse_pid": self.horse_pid or None, "job_id": running[0].id if running else None}
+        details = {"horse_pid": self.horse_pid or None, "job_id": running[0].id if running else None}
+        if self.gpu is not None and self.gpu.waiting:
+            details["gpu_wait"] = self.gpu.waiting  # why this idle worker takes no job
+        return details
 
     # Redis trouble: end the loop quietly and let main() reconnect -----------------------------
 
