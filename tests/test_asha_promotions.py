@@ -46,9 +46,9 @@ def paused_job(connection: redis.Redis, point: str, rung: int = 0) -> Job:
     return job
 
 
-def report(connection: redis.Redis, point: str, score: float, rung: int = 0) -> list[str]:
+def report(connection: redis.Redis, point: str, score: float, rung: int = 0, points: int | None = None) -> list[str]:
     """`point` reached `rung` with `score`: the points promoted by that report."""
-    settings = SETTINGS.model_copy(update={"rung": rung})
+    settings = SETTINGS.model_copy(update={"rung": rung, "points": points})
     promotions = report_rung(
         connection, SEARCH, point, settings, score, f"run-{point}", paused_job(connection, point, rung)
     )
@@ -90,6 +90,20 @@ def test_a_paused_run_that_a_later_better_informed_decision_would_promote_is_pro
     states = asha_runs(connection, SEARCH)
     assert [point for point, state in sorted(states.items()) if state["state"] == "promoted"] == ["g", "h", "i"]
     assert (states["a"]["state"], states["a"]["rung"], states["b"]["state"]) == ("paused", 1, "paused")
+
+
+def test_once_every_point_reported_and_nothing_is_on_its_way_the_deepest_rungs_best_goes_to_the_end(connection):
+    """4 points, eta 3: rung 1 holds one run, fewer than eta, so the rule of thirds alone would finish none."""
+    assert [report(connection, point, score, points=4) for point, score in (("a", 0.5), ("b", 0.4), ("c", 0.3))] == [
+        [],
+        [],
+        ["a"],
+    ]
+    assert report(connection, "d", 0.2, points=4) == []  # a is still on its way to rung 1
+    assert report(connection, "a", 0.6, rung=1, points=4) == ["a"]  # the search can learn nothing more: a goes on
+    assert report(connection, "a", 0.7, rung=2, points=4) == []
+    states = asha_runs(connection, SEARCH)
+    assert (states["a"]["state"], states["b"]["state"]) == ("finished", "paused")
 
 
 def test_two_workers_reporting_at_the_same_moment_promote_each_run_exactly_once(redis_url):

@@ -68,6 +68,7 @@ class AshaSettings(BaseModel):
     eta: int = Field(ge=2)
     max_iter: int = Field(ge=1)
     rung: int = Field(0, ge=0)  # this job's rung: 0 for a new point, k + 1 for a promotion out of rung k
+    points: int | None = Field(None, ge=1)  # the search's points: once all reported, the search can end
 
     @model_validator(mode="after")
     def _rungs_fit(self) -> AshaSettings:
@@ -98,51 +99,75 @@ PROMOTERS: dict[str, type[AshaSettings]] = {"asha": AshaSettings}  # contracts.p
 
 
 # KEYS: runs hash, templates hash, pending zset, points hash, then (rung zset, promoted set) per
-# rung below the top. ARGV: point ('' = only re-lease stale promotions), rung, score, eta, run
-# name, job id, template JSON, lease seconds, root job id. Returns (point, rung, job id, template)
-# for each promotion to enqueue.
+# rung below the top, then the top rung's zset. ARGV: point ('' = only re-lease stale
+# promotions), rung, score, eta, run name, job id, template JSON, lease seconds, root job id, the
+# search's number of points (0 = unknown). Returns (point, rung, job id, template) per promotion.
 RUNG_REPORT_SCRIPT = """
 local runs, templates, pending, points = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local point, rung, score, eta = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local run_name, job_id, template, lease, root = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local rungs = (#KEYS - 4) / 2
+local total = tonumber(ARGV[10])
+local rungs = (#KEYS - 5) / 2
+local top_key = KEYS[#KEYS]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local promotions = {}
 
+local function rung_key(r)
+  if r == rungs then return top_key end
+  return KEYS[5 + 2 * r]
+end
+
+local function promote(r, member)
+  local info = cjson.decode(redis.call('HGET', runs, member))
+  info.state, info.rung, info.at = 'promoted', r + 1, now
+  info.job_id = info.root .. '-rung' .. (r + 1)
+  redis.call('HSET', runs, member, cjson.encode(info))
+  local claim = redis.call('HGET', points, member)
+  if claim then  -- a re-publish then sees the promotion's job, not the paused one
+    local record = cjson.decode(claim)
+    record.job_id = info.job_id
+    redis.call('HSET', points, member, cjson.encode(record))
+  end
+  redis.call('ZADD', pending, now, member)
+  promotions[#promotions + 1] = {member, tostring(r + 1), info.job_id, redis.call('HGET', templates, member)}
+end
+
 if point ~= '' then
   redis.call('HSET', templates, point, template)
-  local state = 'finished'
-  if rung < rungs then
-    redis.call('ZADD', KEYS[5 + 2 * rung], score, point)
-    state = 'paused'
-  end
+  redis.call('ZADD', rung_key(rung), score, point)
+  local state = 'paused'
+  if rung == rungs then state = 'finished' end
   redis.call('HSET', runs, point, cjson.encode({state = state, rung = rung, run_name = run_name,
     job_id = job_id, root = root, at = now}))
 end
 
 -- Top rung first: a run close to finishing frees its rung's slot sooner (Li et al.'s order).
 for r = rungs - 1, 0, -1 do
-  local rung_key, promoted_key = KEYS[5 + 2 * r], KEYS[6 + 2 * r]
-  local top = math.floor(redis.call('ZCARD', rung_key) / eta)
+  local promoted_key = KEYS[6 + 2 * r]
+  local top = math.floor(redis.call('ZCARD', rung_key(r)) / eta)
   if top > 0 then
-    for _, member in ipairs(redis.call('ZREVRANGE', rung_key, 0, top - 1)) do
-      local raw = redis.call('HGET', runs, member)
-      if raw and redis.call('SADD', promoted_key, member) == 1 then
-        local info = cjson.decode(raw)
-        info.state, info.rung, info.at = 'promoted', r + 1, now
-        info.job_id = info.root .. '-rung' .. (r + 1)
-        redis.call('HSET', runs, member, cjson.encode(info))
-        local claim = redis.call('HGET', points, member)
-        if claim then  -- a re-publish then sees the promotion's job, not the paused one
-          local record = cjson.decode(claim)
-          record.job_id = info.job_id
-          redis.call('HSET', points, member, cjson.encode(record))
-        end
-        redis.call('ZADD', pending, now, member)
-        promotions[#promotions + 1] = {member, tostring(r + 1), info.job_id, redis.call('HGET', templates, member)}
+    for _, member in ipairs(redis.call('ZREVRANGE', rung_key(r), 0, top - 1)) do
+      if redis.call('HEXISTS', runs, member) == 1 and redis.call('SADD', promoted_key, member) == 1 then
+        promote(r, member)
       end
     end
+  end
+end
+
+-- The end of a finite search: every point has reported, nothing is promoted and on its way, and
+-- no run reached the top (a rung with fewer than eta results promotes nobody). The best run of
+-- the deepest rung reached goes on, so the search always trains one run to max_iter.
+if #promotions == 0 and total > 0 and redis.call('ZCARD', rung_key(0)) >= total
+    and redis.call('ZCARD', top_key) == 0 then
+  local in_flight, deepest = 0, nil
+  for r = 0, rungs - 1 do
+    in_flight = in_flight + redis.call('SCARD', KEYS[6 + 2 * r]) - redis.call('ZCARD', rung_key(r + 1))
+    if redis.call('ZCARD', rung_key(r)) > 0 then deepest = r end
+  end
+  if in_flight == 0 and deepest ~= nil then
+    local best = redis.call('ZREVRANGE', rung_key(deepest), 0, 0)[1]
+    if redis.call('SADD', KEYS[6 + 2 * deepest], best) == 1 then promote(deepest, best) end
   end
 end
 
@@ -170,7 +195,7 @@ def rung_keys(search: str, settings: AshaSettings) -> list[str]:
     keys = [asha_runs_key(search), asha_templates_key(search), asha_pending_key(search), search_points_key(search)]
     for rung in range(settings.top_rung):
         keys += [asha_rung_key(search, rung), asha_promoted_key(search, rung)]
-    return keys
+    return [*keys, asha_rung_key(search, settings.top_rung)]
 
 
 def root_job_id(job_id: str) -> str:
@@ -208,13 +233,13 @@ def report_rung(
     """Record that `point` reached its rung with `score` (higher is better); the promotions now due."""
     score = float(score) if math.isfinite(score) else LOWEST_SCORE  # a diverged run (NaN loss) ranks last
     arguments = [point, settings.rung, repr(score), settings.eta, run_name, job.id]
-    arguments += [json.dumps(job_template(job)), PROMOTION_LEASE_S, root_job_id(job.id)]
+    arguments += [json.dumps(job_template(job)), PROMOTION_LEASE_S, root_job_id(job.id), settings.points or 0]
     return _run_script(connection, search, settings, arguments)
 
 
 def recover_promotions(connection: redis.Redis, search: str, settings: AshaSettings) -> list[str]:
     """Enqueue promotions decided long ago whose job never started (the deciding worker died); their job ids."""
-    arguments = ["", 0, 0, settings.eta, "", "", "", PROMOTION_LEASE_S, ""]
+    arguments = ["", 0, 0, settings.eta, "", "", "", PROMOTION_LEASE_S, "", settings.points or 0]
     return enqueue_promotions(connection, _run_script(connection, search, settings, arguments))
 
 

@@ -36,7 +36,9 @@ def asha_settings(config: EarlyTerminateConfig, method: SearchMethod, points: li
             f" its spec's epochs, so set fixed.epochs: {max_iter} (or drop max_iter)"
         )
     try:
-        return AshaSettings(type="asha", min_iter=config.min_iter or 1, eta=config.eta, max_iter=max_iter)
+        return AshaSettings(
+            type="asha", min_iter=config.min_iter or 1, eta=config.eta, max_iter=max_iter, points=len(points)
+        )
     except ValidationError as error:
         message = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
         raise SearchError(f"{where}: {message}: lower min_iter or train more epochs") from None
