@@ -181,10 +181,13 @@ def search_leaderboard_table(rows: list[dict[str, Any]], name: str, definition: 
         else:
             value = _fmt((row.get("metric") or {}).get("best", row["best"].get("val_f1")))
         params = [_fmt((row.get("params") or {}).get(parameter)) for parameter in parameters]
+        status = row.get("status", "finished")
+        if row.get("asha") and status == "paused":
+            status = f"paused at rung {row['asha']['rung']}"
         table.add_row(
             str(rank),
             row["run_name"],
-            row.get("status", "finished"),
+            status,
             value,
             *params,
             str(row.get("epochs_completed", "-")),

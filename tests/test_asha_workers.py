@@ -145,6 +145,8 @@ def test_status_shows_each_runs_rung_and_state_and_the_leaderboard_ranks_the_dee
     for rung in (1, 0):
         scores = [row["search_score"] for row in board if row["asha"]["rung"] == rung]
         assert scores == sorted(scores, reverse=True)
+    board_table = " ".join(run_cli("runyard", "leaderboard", "--search", "halving", env=env).stdout.split())
+    assert "paused at" in board_table  # a paused row names its rung (the table may wrap the cell)
     compare = run_cli("runyard", "compare", "halving", "--no-wandb", "--json", env=env)
     assert compare.returncode == 0, compare.stderr
     assert json.loads(compare.stdout)["points"] == 9
