@@ -56,7 +56,7 @@ class JobMeta(BaseModel):
 
     # Written by the work horse
     code: dict[str, Any] | None = None
-    status: str | None = None  # finished or pruned, once the run is recorded
+    status: str | None = None  # finished, pruned or paused (an ASHA rung), once the run is recorded
     progress: dict[str, Any] | None = None  # the last epoch report
     history: list[dict[str, Any]] | None = None  # epoch, train_loss, val_f1 per epoch
     attempts: int | None = None
@@ -67,6 +67,9 @@ class JobMeta(BaseModel):
     oom_adjustments: list[dict[str, Any]] | None = None
     batch_adjustment: dict[str, Any] | None = None
     trial_number: int | None = None  # a bayes point's Optuna trial
+    rung: int | None = Field(None, ge=0)  # an ASHA point's job: the rung it trains up to (0 = the first)
+    rung_epochs: int | None = Field(None, ge=1)  # ... and that rung's epoch, where it pauses
+    promoted_from_job: str | None = None  # an ASHA promotion: the job that paused at the rung below
     checkpoint_fallback: list[str] | None = None  # checkpoints that would not load at resume, and what was done
     artifacts_pending: int | None = None  # files written locally, not yet durable in the run store
     checkpoint_at: float | None = None  # when the last checkpoint was written (preemption picks the latest)

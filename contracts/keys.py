@@ -58,6 +58,31 @@ def search_points_key(search: str) -> str:
     return f"{PREFIX}:search:{search}:points"
 
 
+def asha_rung_key(search: str, rung: int) -> str:
+    """Sorted set of the points that reached ASHA rung `rung` (0 = the first), by their search score."""
+    return f"{PREFIX}:search:{search}:asha:rung:{rung}"
+
+
+def asha_promoted_key(search: str, rung: int) -> str:
+    """Set of the points promoted out of ASHA rung `rung`: what makes a promotion happen once."""
+    return f"{PREFIX}:search:{search}:asha:rung:{rung}:promoted"
+
+
+def asha_runs_key(search: str) -> str:
+    """Hash of point id -> its ASHA state (JSON: state, rung, run name, job id)."""
+    return f"{PREFIX}:search:{search}:asha:runs"
+
+
+def asha_templates_key(search: str) -> str:
+    """Hash of point id -> how to enqueue its next segment (the job's function, kwargs and options, JSON)."""
+    return f"{PREFIX}:search:{search}:asha:templates"
+
+
+def asha_pending_key(search: str) -> str:
+    """Sorted set of promotions decided but not yet enqueued, by when they were decided (or last leased)."""
+    return f"{PREFIX}:search:{search}:asha:pending"
+
+
 def optuna_study_prefix(search: str) -> str:
     """Prefix of a bayes search's Optuna journal (point optuna-dashboard's JournalRedisBackend at it)."""
     return f"{PREFIX}:optuna:{search}"

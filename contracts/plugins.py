@@ -21,3 +21,9 @@ SEARCH_METHODS: tuple[str, ...] = get_args(SearchMethodName)  # schedule_search.
 # bracketed Hyperband. The worker's factories: worker.search_trial.PRUNER_FACTORIES.
 PrunerName = Literal["hyperband", "successive_halving", "hyperband_brackets"]
 PRUNERS: tuple[str, ...] = get_args(PrunerName)
+# Early termination that pauses a run at each rung (its checkpoint kept) and promotes the best
+# 1/eta of a rung to resume, instead of stopping runs through a pruner. The worker's table:
+# worker.asha.PROMOTERS; the search side: schedule_search.methods.asha.
+PromoterName = Literal["asha"]
+PROMOTERS: tuple[str, ...] = get_args(PromoterName)
+EARLY_TERMINATE_TYPES: tuple[str, ...] = PRUNERS + PROMOTERS

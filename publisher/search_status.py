@@ -17,10 +17,11 @@ from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
 from contracts.keys import run_key, search_points_key
+from worker.asha import asha_runs
 from worker.results import get_search, leaderboard
 from worker.search_stop import search_stopped
 
-POINT_STATES = ("queued", "running", "finished", "pruned", "failed", "missing")
+POINT_STATES = ("queued", "running", "finished", "pruned", "paused", "promoted", "failed", "missing")
 FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 ALL_ROWS = 100_000
 DEFAULT_LIMIT = 50
@@ -39,7 +40,10 @@ local items = reply[2]
 for i = 1, #items, 2 do
   local claim = cjson.decode(items[i + 1])
   local key = job_prefix .. claim.job_id
-  local status = redis.call('HGET', key, 'status')
+  local status = false
+  if redis.call('TYPE', key).ok == 'hash' then  -- a record of another type is quarantined, not read
+    status = redis.call('HGET', key, 'status')
+  end
   local state = 'queued'
   if not status then
     local record = redis.call('GET', run_prefix .. claim.run_name)
@@ -52,6 +56,8 @@ for i = 1, #items, 2 do
     local meta = redis.call('HGET', key, 'meta')
     if meta and string.find(meta, '"status": *"pruned"') then
       state = 'pruned'
+    elseif meta and string.find(meta, '"status": *"paused"') then
+      state = 'paused'  -- an ASHA run paused at its rung
     end
   elseif status == 'started' then
     state = 'running'
@@ -78,7 +84,7 @@ def _point_state(job: Job | None, record: dict[str, Any] | None) -> tuple[str, s
     status = job.get_status(refresh=False)
     meta = read_job_meta(job.meta, job.id)
     if status == JobStatus.FINISHED:
-        return ("pruned" if meta.status == "pruned" else "finished"), None
+        return (meta.status if meta.status in ("pruned", "paused") else "finished"), None
     if status == JobStatus.STARTED:
         return "running", job.worker_name
     if status in FAILED_STATUSES:
@@ -116,6 +122,9 @@ def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAU
     if definition is None and not states:
         return None
     metric = (definition or {}).get("metric") or {"name": "val_f1", "goal": "maximize"}
+    is_asha = ((definition or {}).get("early_terminate") or {}).get("type") == "asha"
+    if is_asha:
+        states = _with_promotions(connection, name, states)
     ordered_ids = sorted(states, key=lambda point_id: states[point_id][1])
     counts = Counter(state for state, _position in states.values())
     if limit and len(ordered_ids) > limit:
@@ -153,17 +162,50 @@ def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAU
                 "params": (record or {}).get("params") or meta.get("params") or claim["info"]["params"],
             }
         )
+    if is_asha:
+        _add_rungs(connection, name, rows)
     return {
         "search": name,
         "definition": definition,
         "metric": metric,
         "points": len(states),
         "counts": {state: counts.get(state, 0) for state in POINT_STATES},
-        "done": counts.get("finished", 0) + counts.get("pruned", 0),
+        # A paused ASHA run is done until a later rung decision promotes it.
+        "done": counts.get("finished", 0) + counts.get("pruned", 0) + counts.get("paused", 0),
         "shown": len(rows),
         "stopped": search_stopped(connection, name),
         "rows": rows,
     }
+
+
+def _with_promotions(
+    connection: redis.Redis, name: str, states: dict[str, tuple[str, tuple[int, int]]]
+) -> dict[str, tuple[str, tuple[int, int]]]:
+    """An ASHA search's point states, with `promoted` for a point whose promotion has not started yet."""
+    runs = asha_runs(connection, name)
+    return {
+        point_id: (
+            "promoted"
+            if (runs.get(point_id) or {}).get("state") == "promoted" and state in ("queued", "paused", "missing")
+            else state,
+            position,
+        )
+        for point_id, (state, position) in states.items()
+    }
+
+
+def _add_rungs(connection: redis.Redis, name: str, rows: list[dict[str, Any]]) -> None:
+    """An ASHA search's rows get the rung each run reached or is promoted to, and `promoted` while queued."""
+    runs = asha_runs(connection, name)
+    for row in rows:
+        run = runs.get(row["point"]) or {}
+        row["rung"] = run.get("rung", 0)
+        if run.get("state") == "promoted" and row["state"] in ("queued", "paused", "missing"):
+            row["state"], row["detail"] = "promoted", f"to rung {row['rung']}"
+        elif row["state"] == "running":
+            row["detail"] = f"to rung {row['rung']} on {row['detail']}"
+        elif row["state"] == "paused":
+            row["detail"] = f"paused at rung {row['rung']}"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -187,19 +229,38 @@ def search_status_table(status: dict[str, Any]) -> Table:
     stopped = status.get("stopped")
     table = Table(title=title, caption=f"STOPPED: {stopped['reason']}" if stopped else None)
     parameters = _parameter_names(status["definition"], status["rows"])
-    for column in ("#", "run", "state", "epoch", status["metric"]["name"], *parameters, "note"):
+    rungs = any("rung" in row for row in status["rows"])
+    for column in (
+        "#",
+        "run",
+        "state",
+        *(["rung"] if rungs else []),
+        "epoch",
+        status["metric"]["name"],
+        *parameters,
+        "note",
+    ):
         table.add_column(column, justify="right" if column in ("#", "epoch") else "left", overflow="fold")
     for row in status["rows"]:
         epoch = f"{row['epoch'] or 0}/{row['epochs'] or '?'}" if row["kind"] != "aggregate" else "-"
         params = [_fmt(row["params"].get(name)) for name in parameters]
         note = row["detail"] or ("" if row["kind"] in ("run", "trial") else row["kind"])
-        table.add_row(str(row["index"]), row["run_name"], row["state"], epoch, _fmt(row["metric"]), *params, note)
+        rung = [str(row.get("rung", "-"))] if rungs else []
+        table.add_row(
+            str(row["index"]), row["run_name"], row["state"], *rung, epoch, _fmt(row["metric"]), *params, note
+        )
     return table
 
 
 def search_leaderboard(connection: redis.Redis, name: str, limit: int = ALL_ROWS) -> list[dict[str, Any]]:
-    """The search's finished points (k-fold sets as one row), best first by the search's metric."""
-    return leaderboard(connection, limit=limit, search=name)
+    """The search's finished points (k-fold sets as one row), best first by the search's metric.
+
+    An ASHA search ranks by the deepest rung reached first: a run paused at rung 0 has not earned
+    its place above one that trained to the end, whatever its early metric.
+    """
+    rows = leaderboard(connection, limit=ALL_ROWS, search=name)
+    rows.sort(key=lambda row: (row.get("asha") or {}).get("rung", 0), reverse=True)  # stable: metric order kept
+    return rows[:limit]
 
 
 def search_leaderboard_table(rows: list[dict[str, Any]], name: str, definition: dict[str, Any] | None) -> Table:
@@ -215,10 +276,13 @@ def search_leaderboard_table(rows: list[dict[str, Any]], name: str, definition: 
         else:
             value = _fmt((row.get("metric") or {}).get("best", row["best"].get("val_f1")))
         params = [_fmt((row.get("params") or {}).get(parameter)) for parameter in parameters]
+        status = row.get("status", "finished")
+        if row.get("asha") and status == "paused":
+            status = f"paused at rung {row['asha']['rung']}"
         table.add_row(
             str(rank),
             row["run_name"],
-            row.get("status", "finished"),
+            status,
             value,
             *params,
             str(row.get("epochs_completed", "-")),

@@ -45,7 +45,7 @@ def schedule_search_command(
       name: b2-losses
       method: grid                      # grid | random | bayes
       metric: {name: val_f1, goal: maximize}
-      early_terminate: {type: hyperband, min_iter: 2, eta: 3}
+      early_terminate: {type: hyperband, min_iter: 2, eta: 3}   # or asha: pause + promote
       base: base-spec.yaml              # or fixed: {epochs: 30, ...}
       parameters:
         model: {values: [efficientnet_b2, resnet50]}

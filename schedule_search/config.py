@@ -4,7 +4,7 @@
     method: grid                     # grid | random | bayes (schedule_search.methods)
     metric: {name: val_f1, goal: maximize}
     run_cap: 24                      # random/bayes: how many points (grid: at most this many)
-    early_terminate: {type: hyperband, min_iter: 2, eta: 3}
+    early_terminate: {type: hyperband, min_iter: 2, eta: 3}   # or asha (schedule_search.methods.asha)
     base: base-spec.yaml             # optional spec file (relative to this file), and/or
     fixed: {epochs: 30}              # spec fields given inline
     parameters: {...}                # see schedule_search.parameters
@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from contracts.plugins import PRUNERS, SEARCH_METHODS, SearchMethodName
+from contracts.plugins import EARLY_TERMINATE_TYPES, PROMOTERS, SEARCH_METHODS, SearchMethodName
 from publisher.options import merge, read_spec_file
 from publisher.yaml_file import YamlFileError, read_yaml_file
 from schedule_search.parameters import Parameter
@@ -54,6 +54,7 @@ class EarlyTerminateConfig(BaseModel):
     As in W&B, a run is checked at min_iter, min_iter * eta, min_iter * eta**2, ... epochs and stops
     when it is not in the top 1/eta of the runs that reached that point (with max_iter and s, the
     first check is at max_iter / eta**s). `hyperband_brackets` uses Optuna's bracketed Hyperband.
+    `asha` pauses runs at those rungs instead and promotes the best (schedule_search.methods.asha).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -67,9 +68,15 @@ class EarlyTerminateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_type(self) -> EarlyTerminateConfig:
-        if self.type not in PRUNERS:
-            raise ValueError(f"unknown early_terminate type {self.type!r}; choose one of: {', '.join(PRUNERS)}")
+        if self.type not in EARLY_TERMINATE_TYPES:
+            choices = ", ".join(EARLY_TERMINATE_TYPES)
+            raise ValueError(f"unknown early_terminate type {self.type!r}; choose one of: {choices}")
         return self
+
+    @property
+    def promotes(self) -> bool:
+        """Whether runs are paused and promoted (asha) rather than stopped by a pruner."""
+        return self.type in PROMOTERS
 
     def resolve(self, max_epochs: int) -> EarlyTerminate:
         """Brackets in epochs: max_iter defaults to the most epochs any point trains."""

@@ -56,7 +56,8 @@ def render(definition: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
     for axis, parameter in zip(axes.flat, parameters, strict=False):
         xs = [row["params"].get(parameter) for row in rows]
         ys = [row["metric"]["best"] for row in rows]
-        pruned = [row.get("status") == "pruned" for row in rows]
+        pruned = [row.get("status") in ("pruned", "paused") for row in rows]
+        sizes = [36 * (1 + (row.get("asha") or {}).get("rung", 0)) for row in rows]  # ASHA: bigger = deeper rung
         if _numeric(xs):
             positive = [x for x in xs if x > 0]
             if len(positive) == len(xs) and max(xs) / min(xs) > LOG_SPAN:
@@ -67,14 +68,15 @@ def render(definition: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
             xs = [labels.index(str(x)) + jitter.uniform(-0.12, 0.12) for x in xs]
             axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
             axis.set_xlim(-0.5, len(labels) - 0.5)
-        for x, y, hollow in zip(xs, ys, pruned, strict=True):
-            axis.scatter([x], [y], s=36, facecolors="none" if hollow else "tab:blue", edgecolors="tab:blue")
+        for x, y, hollow, size in zip(xs, ys, pruned, sizes, strict=True):
+            axis.scatter([x], [y], s=size, facecolors="none" if hollow else "tab:blue", edgecolors="tab:blue")
         axis.set_xlabel(parameter)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(parameters) :]:
         axis.set_visible(False)
-    figure.suptitle(f"{definition['name']}: {metric} ({definition['method']}, {len(rows)} points; hollow = pruned)")
+    hollow = "hollow = paused, size = rung reached" if any(row.get("asha") for row in rows) else "hollow = pruned"
+    figure.suptitle(f"{definition['name']}: {metric} ({definition['method']}, {len(rows)} points; {hollow})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -30,6 +30,7 @@ from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
 from trainer.spec import ExperimentSpec
+from worker.asha import recover_promotions
 from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
 from worker.results import get_search
@@ -237,6 +238,7 @@ def publish_search(
     except BaseException:
         release_claims(connection, search, [(point.id, claim["job_id"]) for point, claim in pending])
         raise
+    _recover_promotions(connection, search)
     return report
 
 
@@ -265,6 +267,13 @@ def _job_options(
         params=point.params,
         owner=job_owner(context),  # a search's points, folds and aggregates are its publisher's
     )
+
+
+def _recover_promotions(connection: redis.Redis, search: Search) -> None:
+    """An ASHA search's paused and promoted points keep their claims (a re-publish restarts none of
+    them); a promotion decided long ago whose job was never enqueued is enqueued now."""
+    if search.asha is not None:
+        recover_promotions(connection, search.name, search.asha)
 
 
 def _enqueue_runs(

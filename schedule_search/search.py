@@ -26,9 +26,11 @@ from schedule_search.config import (
 )
 from schedule_search.kfold import fan_out
 from schedule_search.methods import METHODS, Expansion, get_method
+from schedule_search.methods.asha import PROMOTERS
 from schedule_search.parameters import Parameter, ParameterError
 from schedule_search.points import Point
 from trainer.spec import SpecError, load_spec
+from worker.asha import AshaSettings
 from worker.search_trial import Metric, SearchPayload, StudySettings
 
 
@@ -45,6 +47,7 @@ class Search:
     points: list[Point]
     study: StudySettings | None
     warnings: list[str]
+    asha: AshaSettings | None = None  # its runs pause at rungs and the best are promoted
 
     def payload(self, point: Point) -> dict[str, Any]:
         """The `search` argument of the point's job (worker.search_trial.SearchPayload)."""
@@ -56,11 +59,15 @@ class Search:
             metric=self.metric,
             study=self.study,
             kfold_set=kfold_set,
+            asha=self.asha,
         ).model_dump(mode="json")
 
     def definition(self) -> dict[str, Any]:
         """What `runyard status/leaderboard/compare --search` need to know about the search."""
         early = self.study.early_terminate if self.study else None
+        early_terminate = early.model_dump() if early else None
+        if self.asha is not None:
+            early_terminate = self.asha.model_dump(exclude={"rung"}) | {"rungs": self.asha.rung_epochs()}
         return {
             "name": self.name,
             "method": self.method,
@@ -68,7 +75,7 @@ class Search:
             "metric": self.metric.model_dump(),
             "parameters": {name: p.model_dump(exclude_none=True) for name, p in self.parameters.items()},
             "run_cap": self.config.run_cap,
-            "early_terminate": early.model_dump() if early else None,
+            "early_terminate": early_terminate,
             "study": {"name": self.study.name, "prefix": self.study.prefix} if self.study else None,
             "points": len(self.points),
         }
@@ -112,9 +119,12 @@ def load_search(path: str | Path) -> Search:
         raise SearchError(f"{source}: early_terminate: k-fold sets are not stopped early; drop one of the two")
     points = [fanned for point in points for fanned in fan_out(point, group_is_default)]
 
-    study = None
-    if config.early_terminate is not None or method.samples_from_study:
-        early = config.early_terminate.resolve(_max_epochs(points, searched)) if config.early_terminate else None
+    study, asha = None, None
+    pruner = config.early_terminate if config.early_terminate and not config.early_terminate.promotes else None
+    if config.early_terminate is not None and config.early_terminate.promotes:
+        asha = PROMOTERS[config.early_terminate.type](config.early_terminate, method, points, source)
+    if pruner is not None or method.samples_from_study:
+        early = pruner.resolve(_max_epochs(points, searched)) if pruner else None
         try:
             bayes = method.sampler_settings(searched, config.run_cap, seed)
         except ParameterError as error:
@@ -122,7 +132,7 @@ def load_search(path: str | Path) -> Search:
         study = StudySettings(
             name=f"runyard-{name}", prefix=optuna_study_prefix(name), early_terminate=early, bayes=bayes
         )
-    return Search(name, config.method, str(path), config, config.metric, searched, points, study, warnings)
+    return Search(name, config.method, str(path), config, config.metric, searched, points, study, warnings, asha)
 
 
 def _max_epochs(points: list[Point], searched: dict[str, Parameter]) -> int:

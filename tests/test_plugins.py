@@ -70,3 +70,11 @@ def test_search_method_and_pruner_names_are_their_registries():
     assert set(plugins.SEARCH_METHODS) == set(METHODS)
     assert all(METHODS[name].name == name for name in METHODS)
     assert set(plugins.PRUNERS) == set(PRUNER_FACTORIES)
+
+
+def test_promoter_names_are_their_registries_on_both_sides():
+    from schedule_search.methods.asha import PROMOTERS as SEARCH_SIDE
+    from worker.asha import PROMOTERS as WORKER_SIDE
+
+    assert set(plugins.PROMOTERS) == set(SEARCH_SIDE) == set(WORKER_SIDE)
+    assert set(plugins.EARLY_TERMINATE_TYPES) == set(plugins.PRUNERS) | set(plugins.PROMOTERS)

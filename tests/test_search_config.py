@@ -233,6 +233,20 @@ BAD_SEARCHES = [
     ({"name": "../etc"}, "name: String should match pattern"),
     ({"method": "bayes", "run_cap": 2, "parameters": {"lr": {"values": [10, 20]}}}, "(lr=20): lr: Input should be"),
     ({"method": "bayes", "run_cap": 2, "fixed": {"kfold.k": 3}}, "bayes does not fan out k-fold sets"),
+    ({"early_terminate": {"type": "asha", "min_iter": 1}}, "early_terminate: min_iter 1 must be below max_iter 1"),
+    (
+        {"fixed": {"epochs": 9}, "early_terminate": {"type": "asha", "max_iter": 5}},
+        "max_iter 5 differs from the points' epochs 9",
+    ),
+    ({"fixed": {"epochs": 9}, "early_terminate": {"type": "asha", "s": 2}}, "asha has no `s`"),
+    (
+        {"method": "bayes", "run_cap": 2, "fixed": {"epochs": 9}, "early_terminate": {"type": "asha"}},
+        "asha promotes grid or random points",
+    ),
+    (
+        {"parameters": {"epochs": {"values": [3, 9]}}, "early_terminate": {"type": "asha"}},
+        "asha needs every point to train the same epochs",
+    ),
 ]
 
 

@@ -15,10 +15,11 @@ from typing import Any
 from rq import Retry, get_current_job
 from rq.job import Job
 
-from contracts.job_meta import FailureReason, set_failure
+from contracts.job_meta import FailureReason, set_failure, update_job_meta
 from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.paths import runs_root
 from trainer.spec import ExperimentSpec, SpecError, load_spec
+from worker.asha import enqueue_promotions, promotion_started, report_rung
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
 from worker.preemption import record_preemption
@@ -81,7 +82,8 @@ def run_experiment(
     """Train one experiment spec (a JSON dict) and return its result; progress goes to job.meta.
 
     `search` (set by schedule-search) makes the run a point of a search: a bayes point's params are
-    sampled here, a pruner may stop it early (status `pruned`), and its record joins the search's.
+    sampled here, a pruner may stop it early (status `pruned`), an ASHA point pauses at its rung
+    (status `paused`, see worker.asha), and its record joins the search's.
     """
     job = get_current_job()
     trial = None
@@ -107,6 +109,8 @@ def run_experiment(
         context["search"] = trial.payload.name  # the run store groups a search's runs by it
     if job is not None:
         job.meta["code"] = code
+        if trial is not None and trial.payload.asha is not None:
+            _start_rung(job, trial)
         job.save_meta()
     progress = JobProgress(job, trial)
     experiment = progress.apply_adjustments(experiment)
@@ -176,6 +180,8 @@ def run_experiment(
         job.meta["status"] = result["status"]
         job.save_meta()
         record_run(job.connection, summary)
+        if trial is not None and trial.payload.asha is not None:
+            _report_rung(job, trial, result["run_name"])
     return result
 
 
@@ -184,6 +190,23 @@ def _count_data_error(job: Job, search_name: str, message: str) -> None:
     if record_data_error(job.connection, search_name, message, job.description):
         cancelled = cancel_waiting_points(job.connection, search_name)
         log.warning("search %s stopped after repeated data errors; %d waiting points cancelled", search_name, cancelled)
+
+
+def _start_rung(job: Job, trial: SearchTrial) -> None:
+    """An ASHA point's job says in its meta where it pauses; a promotion's job is no longer pending."""
+    asha = trial.payload.asha
+    update_job_meta(job.meta, rung=asha.rung, rung_epochs=asha.rung_epochs()[asha.rung])
+    if asha.rung > 0:
+        promotion_started(job.connection, trial.payload.name, trial.payload.point)
+
+
+def _report_rung(job: Job, trial: SearchTrial, run_name: str) -> None:
+    """Report the rung this ASHA point reached, and enqueue the promotions that report makes due."""
+    score = trial.metric.score(trial.best)
+    promotions = report_rung(
+        job.connection, trial.payload.name, trial.payload.point, trial.payload.asha, score, run_name, job
+    )
+    enqueue_promotions(job.connection, promotions)
 
 
 def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | None = None):

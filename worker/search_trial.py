@@ -24,6 +24,7 @@ from rq.job import Job
 
 from contracts.plugins import PrunerName
 from trainer.spec import SpecError, format_validation_error
+from worker.asha import AshaSettings
 from worker.connection import redis_url
 
 log = logging.getLogger("runyard.search")
@@ -105,6 +106,7 @@ class SearchPayload(BaseModel):
     metric: Metric = Field(default_factory=Metric)
     study: StudySettings | None = None
     kfold_set: str | None = None  # the k-fold set a fold belongs to (its aggregate ranks the set)
+    asha: AshaSettings | None = None  # the point pauses at its rung and waits to be promoted (worker.asha)
 
 
 def search_fields(payload: SearchPayload, best: float | None, status: str) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class SearchTrial:
         self.params = dict(payload.params)
         self.best: float | None = None
         self.pruned = False
+        self.paused = False  # an ASHA point stopped at its rung
         self.study = None
         self.trial = None
         if payload.study is not None:
@@ -267,6 +270,12 @@ class SearchTrial:
         """Record this epoch's metric; True when the pruner says the run is not worth finishing."""
         value = float(getattr(report, self.metric.name))
         self.best = value if self.best is None else self.metric.better(self.best, value)
+        if self.payload.asha is not None:
+            # `>=`: a job run again after it reached its rung (its worker died before the job
+            # ended) resumes past the rung's checkpoint; it pauses after one more epoch, not never.
+            pause = self.payload.asha.pause_epoch()
+            self.paused = pause is not None and report.epoch >= pause
+            return self.paused
         if self.trial is None or self.payload.study.early_terminate is None:
             return False
         try:
@@ -289,8 +298,10 @@ class SearchTrial:
             self.best = value if self.best is None else self.metric.better(self.best, value)
 
     def finish(self, result: dict[str, Any]) -> str:
-        """Tell the study how the run ended; returns the point's status, `finished` or `pruned`."""
+        """Tell the study how the run ended; returns the point's status, `finished`, `pruned` or `paused`."""
         status = "pruned" if self.pruned and result.get("stopped_early") else "finished"
+        if self.paused and result.get("stopped_early"):
+            status = "paused"
         if self.best is None:  # no epoch reported (cannot happen with the trainer's loop)
             self.best = float(result["best"]["val_f1"]) if self.metric.name == "val_f1" else None
         if self.trial is not None:
@@ -315,5 +326,9 @@ class SearchTrial:
             log.warning("could not mark the trial failed in the search's study: %s", error)
 
     def summary_fields(self, status: str) -> dict[str, Any]:
-        """What this point adds to its run record (see search_fields)."""
-        return search_fields(self.payload.model_copy(update={"params": self.params}), self.best, status)
+        """What this point adds to its run record (see search_fields); an ASHA point adds its rung."""
+        fields = search_fields(self.payload.model_copy(update={"params": self.params}), self.best, status)
+        if self.payload.asha is not None:
+            asha = self.payload.asha
+            fields["asha"] = {"rung": asha.rung, "rung_epochs": asha.rung_epochs()[asha.rung], "state": status}
+        return fields

@@ -5,13 +5,14 @@ Importing this package registers every method; `get_method(name)` is the way in.
 
 from __future__ import annotations
 
-from schedule_search.methods import bayes, grid, random
+from schedule_search.methods import asha, bayes, grid, random
 from schedule_search.methods.base import METHODS, Expansion, SearchMethod, get_method, keeps_space, register_method
 
 __all__ = [
     "METHODS",
     "Expansion",
     "SearchMethod",
+    "asha",
     "bayes",
     "get_method",
     "grid",

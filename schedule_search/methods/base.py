@@ -4,7 +4,8 @@ A method turns a validated search file into the points to publish (`expand`). Gr
 know every point's params at publish time; bayes publishes trial slots whose params a worker
 samples from the search's Optuna study (`sampler_settings`). A method whose study decides as the
 search runs keeps its space under its name (`samples_from_study`): publishing another space under
-the same name is refused. The coming `asha` method registers here the same way.
+the same name is refused. ASHA is not a way of choosing points but of running them (pause at
+rungs, promote the best): it is an early_terminate type, in schedule_search.methods.asha.
 """
 
 from __future__ import annotations
