@@ -100,7 +100,8 @@ def test_an_owner_at_quota_1_never_runs_two_jobs_and_others_use_the_other_worker
 def test_a_high_job_preempts_a_running_job_but_never_a_no_preempt_one(cluster, connection, demo_data):
     # `low` would be stopped first (lowest priority), but it was published with --no-preempt.
     protected = publish(connection, demo_data, "alice", preemptible=False, priority="low", epochs=5)
-    victim = publish(connection, demo_data, "bob", epochs=4)
+    # Long enough that it cannot finish before the high job's preemption reaches it, even on a slow box.
+    victim = publish(connection, demo_data, "bob", epochs=10)
     cluster("box1-gpu0", "box2-gpu0")
     wait_for(lambda: victim.refresh() or len(victim.meta.get("history") or []) >= 1, 120, "the victim's first epoch")
     assert protected.get_status(refresh=True) == JobStatus.STARTED
@@ -111,7 +112,7 @@ def test_a_high_job_preempts_a_running_job_but_never_a_no_preempt_one(cluster, c
     [preemption] = victim.meta["preemptions"]
     assert preemption["by"] == urgent.id and preemption["after_epoch"] >= 1
     assert victim.meta["resumed_from_epoch"] >= 1  # it resumed from its checkpoint
-    assert [row["epoch"] for row in victim.meta["history"]] == [1, 2, 3, 4]  # an uninterrupted run's history
-    assert victim.return_value()["epochs_completed"] == 4
+    assert [row["epoch"] for row in victim.meta["history"]] == list(range(1, 11))  # an uninterrupted run's history
+    assert victim.return_value()["epochs_completed"] == 10
     assert urgent.started_at < protected.ended_at  # the high job did not wait for a free worker
     assert "preemptions" not in protected.meta and protected.meta["attempts"] == 1
