@@ -2,8 +2,8 @@
 
 Publishes an lr x seed grid (benchmarks/scale.py's) to a private redis-server, in this process,
 and prints the CPU seconds of load_search, of the claim script calls and of the chunks' job
-writes, plus the RQ floor: the same number of jobs enqueued with prepared payloads through
-Queue.prepare_data + enqueue_many (what any RQ publisher pays per job, runyard's work aside).
+writes, the process's peak RSS, and the RQ floor: as many jobs enqueued with a prepared payload
+through Queue.prepare_data + enqueue_many (what any RQ publisher pays per job, runyard aside).
 Run it in the tree to measure (`cd TREE && PYTHONPATH=$PWD python benchmarks/publish_cpu.py`).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def main() -> int:
         report = publish.publish_search(connection, search)
         figures["publish_search_s"] = time.process_time() - started
         figures |= totals
+        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the floor
         job = Job.fetch(report.jobs[0]["job_id"], connection=connection, serializer=JSONSerializer)
         figures["rq_floor_s"] = rq_floor(connection, job.kwargs, job.meta, args.points, publish.CHUNK)
         figures["hiredis"] = "hiredis" in sys.modules
