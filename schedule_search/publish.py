@@ -269,6 +269,25 @@ def _job_options(
     )
 
 
+def _point_options(checked: dict[str, Any], point: Point, claim: dict[str, Any]) -> dict[str, Any]:
+    """`checked` (another run point's _job_options in this search) with this point's own values.
+
+    Saves a JobMeta validation per job: only the values below differ between a search's run
+    points, and each has the type JobMeta wants by construction (the run name and job id are the
+    claim's strings, the model and epochs come from the point's validated spec).
+    """
+    meta = checked["meta"] | {
+        "run_name": claim["run_name"],
+        "spec_hash": point.id if point.kind in ("run", "fold") else point.spec.spec_hash(),
+        "model": point.spec.model,
+        "epochs": point.spec.epochs,
+        "point": point.id,
+        "kind": point.kind,
+        "params": dict(point.params),
+    }
+    return checked | {"description": claim["run_name"], "job_id": claim["job_id"], "meta": meta}
+
+
 def _recover_promotions(connection: redis.Redis, search: Search) -> None:
     """An ASHA search's paused and promoted points keep their claims (a re-publish restarts none of
     them); a promotion decided long ago whose job was never enqueued is enqueued now."""
@@ -290,11 +309,17 @@ def _enqueue_runs(
         return []
     by_queue: dict[str, list] = defaultdict(list)
     enqueued = []
+    checked: dict[str, Any] | None = None  # the chunk's first options, checked by job_options
     for point, claim in to_enqueue:
-        spec = point.spec.model_copy(update={"run_name": claim["run_name"]})
-        queue_name = rq_queue_name(spec)
-        kwargs = {"spec": spec.to_payload(), "context": context, "search": search.payload(point)}
-        options = _job_options(point, spec, search, claim, context, retries, timeout_s, max_requeues)
+        queue_name = rq_queue_name(point.spec)  # the claimed run name changes neither queue nor priority
+        spec_payload = point.spec.to_payload()
+        spec_payload["run_name"] = claim["run_name"]  # what the spec with its claimed run name dumps to
+        kwargs = {"spec": spec_payload, "context": context, "search": search.payload(point)}
+        if checked is None:
+            checked = _job_options(point, point.spec, search, claim, context, retries, timeout_s, max_requeues)
+            options = checked
+        else:
+            options = _point_options(checked, point, claim)
         by_queue[queue_name].append(Queue.prepare_data(RUN_EXPERIMENT, kwargs=kwargs, **options))
         enqueued.append(
             {"point": point.id, "job_id": claim["job_id"], "run_name": claim["run_name"], "queue": queue_name}

@@ -8,8 +8,11 @@ bayes). A point with kfold.k > 1 fans out into folds plus an aggregate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from pydantic_core import to_jsonable_python
 
 from contracts.keys import optuna_study_prefix
 from publisher.options import merge
@@ -52,15 +55,16 @@ class Search:
     def payload(self, point: Point) -> dict[str, Any]:
         """The `search` argument of the point's job (worker.search_trial.SearchPayload)."""
         kfold_set = point.kfold_set if point.kind == "fold" else None
-        return SearchPayload(
-            name=self.name,
-            point=point.id,
-            params=point.params,
-            metric=self.metric,
-            study=self.study,
-            kfold_set=kfold_set,
-            asha=self.asha,
-        ).model_dump(mode="json")
+        # The search's own fields are validated and dumped once (the payload's template); a point
+        # adds only its id, params (JSON-ready as pydantic's dump makes them) and k-fold set.
+        own = {"point": point.id, "params": to_jsonable_python(point.params), "kfold_set": kfold_set}
+        return self._payload_template | own
+
+    @cached_property
+    def _payload_template(self) -> dict[str, Any]:
+        return SearchPayload(name=self.name, point="", metric=self.metric, study=self.study, asha=self.asha).model_dump(
+            mode="json"
+        )
 
     def definition(self) -> dict[str, Any]:
         """What `runyard status/leaderboard/compare --search` need to know about the search."""
