@@ -10,6 +10,25 @@ installable here) in its own process on 127.0.0.1, reached through s3fs.
     python benchmarks/store.py --stores none,s3 --s3-url s3://team-runs/bench   # a real bucket
 
 The first epoch (model warm-up, and no upload of its own to overlap) is left out of the mean.
+
+`--failover` measures the other figure: from kill -9 on box A to box B training the resumed
+epoch, S3 store (goal <= 60 s). Each repetition starts a private redis-server and two idle
+`python -m worker.process` workers with their own RUNYARD_HOMEs (two boxes that share nothing
+but Redis and the bucket on moto's server) and publishes a tiny job (test_efficientnet, 64 px);
+whichever worker takes it is box A. Just after the store's manifest holds epoch 2, box A's worker
+and its work horse's process groups are killed with SIGKILL. The heartbeat and janitor keep their
+production defaults (15 s TTL, 10 s sweeps, the sweeper's lease of 25 s), so what is measured is
+what a team would see. With `--kill-lease-holder`, box A starts alone, takes the job and the
+sweeper's lease, and box B starts idle after it (the kill then follows the next checkpoint): box
+B's janitor must wait for the dead box's lease to lapse, the worst case. From the kill it times:
+box A's heartbeat gone, its lease gone, the janitor's requeue, box B's work horse starting the job
+(RQ's started_at), box B starting to train the resumed epoch (its train.log's "resuming after
+epoch N" line, logged once the checkpoint is fetched and restored and the W&B run is open, right
+before the epoch loop) and that epoch's report; and it checks that the run resumed from the
+epoch the store held at the kill (>= 2, not 0).
+
+    python benchmarks/store.py --failover --repeat 3
+    python benchmarks/store.py --failover --repeat 3 --kill-lease-holder
 """
 
 from __future__ import annotations
@@ -18,17 +37,21 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.chaos import start_redis  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
 from trainer.train import train  # noqa: E402
@@ -90,18 +113,275 @@ def epoch_seconds(spec: dict, home: Path, store_env: dict[str, str]) -> dict:
     }
 
 
+# Failover: kill -9 on box A to box B training the resumed epoch -------------------------------
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (.*)$")
+RESUMING = re.compile(r"run \S+: resuming after epoch (\d+) ")
+EPOCH_REPORT = re.compile(r"epoch (\d+)/\d+ ")
+ATTEMPT = re.compile(
+    r"run \S+: \S+ \(\d+ parameters\) on "
+)  # an attempt's set-up is done (logged on a fresh start too)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, read from /proc (a worker's work horse and scheduler)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def kill_box(pid: int) -> None:
+    """kill -9 a worker process and everything it started (the work horse has its own process group)."""
+    groups = {pid}
+    for child in child_pids(pid):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(child))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def start_box(env: dict[str, str], name: str, log_path: Path) -> subprocess.Popen:
+    """One box's worker (what `worker` starts per GPU), in its own session, logging to a file."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.process", "--name", name],
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=ROOT,
+    )
+
+
+def log_events(path: Path, after: float) -> list[tuple[float, str]]:
+    """(unix time, message) of the INFO lines of a train.log written after `after`."""
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if (match := LOG_TIME.match(line)) and (
+            when := datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        ) >= after:
+            events.append((when, match.group(2)))
+    return events
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy; raise after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def failover_once(index: int, work: Path, endpoint: str, spec: dict, timeout: float, lease_holder_dies: bool) -> dict:
+    """One kill -9 of the box training a job, timed until the other box trains the resumed epoch."""
+    import redis
+
+    from contracts.keys import JANITOR_LEASE_KEY, heartbeat_key
+    from publisher.queue import publish_experiment
+    from trainer.store import open_store
+
+    folder = work / f"failover-{index}"
+    folder.mkdir()
+    server, url = start_redis(folder)
+    store_env = {"RUNYARD_STORE": f"s3://bench/failover-{index}", "AWS_ENDPOINT_URL": endpoint} | MOTO_KEYS
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_", "AWS_"))}
+    base |= {"REDIS_URL": url, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)} | store_env
+    os.environ.update(store_env)  # this process reads the store as the boxes do
+    store = open_store()
+    connection = redis.Redis.from_url(url)
+    names = ("box-a", "box-b")
+    workers: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        workers[name] = start_box(base | {"RUNYARD_HOME": str(folder / name)}, name, folder / f"{name}.log")
+
+    def worker_of_job() -> str | None:
+        job.refresh()
+        return job.worker_name if job.get_status() == "started" else None
+
+    def stored_epoch() -> int:
+        return (store.read_manifest(run_name) or {}).get("epoch", 0)
+
+    try:
+        # Either both boxes start idle and either takes the job (and either may hold the sweeper's
+        # lease), or box A starts alone, takes the job and the lease, and box B starts idle after.
+        for name in names[:1] if lease_holder_dies else names:
+            start(name)
+        wait(lambda: all(connection.exists(heartbeat_key(name)) for name in workers), 120, "the boxes to beat")
+        job = publish_experiment(connection, load_spec(spec | {"run_name": f"failover-{index}"}), context={})
+        run_name = job.kwargs["spec"]["run_name"]
+        victim = wait(worker_of_job, 120, "a box to take the job")
+        survivor = next(name for name in names if name != victim)
+        if lease_holder_dies:
+            wait(lambda: connection.get(JANITOR_LEASE_KEY) == victim.encode(), 60, "box A to hold the lease")
+            start(survivor)
+            wait(lambda: connection.exists(heartbeat_key(survivor)), 120, "box B to beat")
+        # Kill just after an epoch's checkpoint is in the store (epoch 2 at the earliest).
+        seen = stored_epoch()
+        wait(lambda: stored_epoch() > max(seen, 1), 300, "the next epoch (>= 2) in the store")
+        lease_holder = (connection.get(JANITOR_LEASE_KEY) or b"").decode()
+        kill_box(workers[victim].pid)
+        killed = time.time()
+        workers[victim].wait(10)
+        at_kill = stored_epoch()  # what box B can resume from
+        marks: dict[str, float] = {}
+        train_log = folder / survivor / "runs" / run_name / "train.log"
+
+        def observe() -> bool:
+            now = time.time()
+            if "heartbeat_gone" not in marks and not connection.exists(heartbeat_key(victim)):
+                marks["heartbeat_gone"] = now
+            if "lease_free" not in marks and (connection.get(JANITOR_LEASE_KEY) or b"").decode() != victim:
+                marks["lease_free"] = now  # box A no longer holds the sweeper's lease (or never did)
+            job.refresh()
+            requeues = [entry for entry in job.meta.get("requeue_log", []) if entry["worker"] == victim]
+            if requeues:
+                marks.setdefault("requeued", requeues[0]["at"])
+            if job.worker_name == survivor and job.started_at is not None:
+                marks.setdefault("horse_started", job.started_at.timestamp())
+            for when, message in log_events(train_log, killed):
+                if match := RESUMING.match(message):
+                    marks.setdefault("training_resumed_epoch", when)
+                    marks.setdefault("resumed_from", int(match.group(1)))
+                elif ATTEMPT.match(message) and job.meta.get("resumed_from_epoch") == 0:
+                    marks.setdefault("training_resumed_epoch", when)  # started over: the failure shows below
+                    marks.setdefault("resumed_from", 0)
+                elif (match := EPOCH_REPORT.match(message)) and int(match.group(1)) == marks.get(
+                    "resumed_from", -2
+                ) + 1:
+                    marks.setdefault("resumed_epoch_reported", when)
+            return "resumed_epoch_reported" in marks
+
+        wait(observe, timeout, "box B to report the resumed epoch", interval=0.05)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:  # box A is already reaped: its pid may be someone else's now
+                kill_box(process.pid)
+                process.wait(10)
+        server.kill()
+        server.wait(10)
+    seconds = {key: round(marks[key] - killed, 1) for key, _title in FAILOVER_COLUMNS}
+    resumed_from = int(marks["resumed_from"])
+    return {
+        "killed_box_held_lease": lease_holder == victim,
+        "epoch_in_store_at_kill": at_kill,
+        "resumed_from_epoch": resumed_from,
+        "meta_resumed_from_epoch": job.meta.get("resumed_from_epoch"),
+        "resumed_correctly": resumed_from == at_kill >= 2 and job.meta.get("resumed_from_epoch") == resumed_from,
+        "seconds_after_kill": seconds,
+    }
+
+
+def run_failover(args: argparse.Namespace) -> dict:
+    """`--repeat` failovers on one moto server; the figures of each and the worst."""
+    work = Path(tempfile.mkdtemp(prefix="runyard-failover-bench-"))
+    make_demo_dataset(work / "data", profiles=args.profiles, eval_profiles=2, image_size=(64, 48), seed=0)
+    spec = {
+        "model": args.model,
+        "pretrained": False,
+        "data_dir": str(work / "data" / "train"),
+        "resize": args.resize,
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "valid_batch_size": 128,
+        "lr": 3e-3,
+        "augmentation": "base",
+        "pictures": False,
+    }
+    runs = []
+    with moto_server() as endpoint:
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="bench")
+        for index in range(args.repeat):
+            runs.append(failover_once(index, work, endpoint, spec, args.timeout, args.kill_lease_holder))
+            if not args.json:
+                print(f"  run {index + 1}: {json.dumps(runs[-1])}", flush=True)
+    worst = max(run["seconds_after_kill"]["training_resumed_epoch"] for run in runs)
+    return {
+        "runs": runs,
+        "max_seconds_to_training_resumed_epoch": worst,
+        "goal_s": 60,
+        "goal_met": worst <= 60 and all(run["resumed_correctly"] for run in runs),
+        "work_dir": str(work),
+        "load_average": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+FAILOVER_COLUMNS = (
+    ("heartbeat_gone", "beat gone"),
+    ("lease_free", "lease free"),
+    ("requeued", "requeued"),
+    ("horse_started", "B horse"),
+    ("training_resumed_epoch", "B trains"),
+    ("resumed_epoch_reported", "B epoch done"),
+)
+
+
+def print_failover(report: dict) -> None:
+    """The failovers as a table: seconds after the kill of each step."""
+    print("seconds after kill -9 of box A (S3 store on moto):")
+    print("run  A held lease  resumed  " + "  ".join(f"{title:>12}" for _key, title in FAILOVER_COLUMNS))
+    for index, run in enumerate(report["runs"], 1):
+        cells = "  ".join(f"{run['seconds_after_kill'][key]:>12.1f}" for key, _title in FAILOVER_COLUMNS)
+        held = "yes" if run["killed_box_held_lease"] else "no"
+        resumed = f"{run['epoch_in_store_at_kill']}->{run['resumed_from_epoch']}"
+        print(f"{index:>3}  {held:>12}  {resumed:>7}  {cells}")
+    verdict = "met" if report["goal_met"] else "MISSED"
+    print(
+        f"worst kill -9 -> box B training the resumed epoch: {report['max_seconds_to_training_resumed_epoch']:.1f} s"
+        f" (goal <= {report['goal_s']} s: {verdict}); load average {report['load_average']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--profiles", type=int, default=30)
-    parser.add_argument("--resize", default="96x96")
-    parser.add_argument("--model", default="efficientnet_b2")
+    parser.add_argument("--failover", action="store_true", help="time kill -9 on box A to box B training, S3 store")
+    parser.add_argument("--epochs", type=int, help="epochs per run [default: 4; --failover: 40]")
+    parser.add_argument("--profiles", type=int, help="generated people in the data [default: 30; --failover: 60]")
+    parser.add_argument("--resize", help="training resolution [default: 96x96; --failover: 64x64]")
+    parser.add_argument("--model", help="timm model [default: efficientnet_b2; --failover: test_efficientnet]")
     parser.add_argument("--stores", default="none,shared-dir,s3")
     parser.add_argument(
         "--s3-url",
         help="A real bucket (s3://BUCKET/PREFIX, with this shell's AWS_* variables) instead of a local moto server.",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="--failover: kills to time [default: 3]")
+    parser.add_argument(
+        "--kill-lease-holder",
+        action="store_true",
+        help="--failover: box A also holds the janitors' lease, so box B's janitor waits for it to lapse (worst case)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300, help="--failover: seconds to wait for box B after a kill [default: 300]"
+    )
+    parser.add_argument("--json", action="store_true", help="--failover: print the figures as JSON")
     args = parser.parse_args()
+    if args.failover:
+        for key, value in {"epochs": 40, "profiles": 60, "resize": "64x64", "model": "test_efficientnet"}.items():
+            setattr(args, key, getattr(args, key) or value)
+        report = run_failover(args)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_failover(report)
+        raise SystemExit(0 if report["goal_met"] else 1)
+    for key, value in {"epochs": 4, "profiles": 30, "resize": "96x96", "model": "efficientnet_b2"}.items():
+        setattr(args, key, getattr(args, key) or value)
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="runyard-store-bench-"))
     make_demo_dataset(work / "data", profiles=args.profiles, eval_profiles=2, image_size=(128, 96), seed=0)
