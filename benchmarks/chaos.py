@@ -35,32 +35,14 @@ from rq.job import Job, JobStatus  # noqa: E402
 from rq.results import Result  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
+from benchmarks.servers import start_redis  # noqa: E402
 from contracts.keys import heartbeat_key  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
-from worker.embedded import find_redis_server  # noqa: E402
 
 EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO epoch (\d+)/(\d+) ")
 ATTEMPT_LINE = re.compile(r"^(\S+ \S+) INFO run \S+: ")  # an attempt starts training (after its setup)
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    binary, _origin = find_redis_server()
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--appendonly", "yes"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"unix://{socket_path}"
-    for _ in range(300):
-        try:
-            if redis.Redis.from_url(url).ping():
-                return process, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def start_worker(env: dict[str, str], name: str, logs: Path) -> subprocess.Popen:
@@ -131,7 +113,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="runyard-chaos-"))
     logs = work / "logs"
     logs.mkdir()
-    server, url = start_redis(work)
+    server, url = start_redis(work, "--appendonly", "yes")
     connection = redis.Redis.from_url(url)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
     env |= {

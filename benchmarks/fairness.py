@@ -30,32 +30,14 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import Job, JobStatus  # noqa: E402
 
+from benchmarks.servers import start_redis  # noqa: E402
 from publisher.queue import publish_context, publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
-from worker.embedded import find_redis_server  # noqa: E402
 from worker.heartbeat import heartbeat_key  # noqa: E402
 from worker.preemption import set_queue_preemption  # noqa: E402
 
 SAMPLE_S = 0.2
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    binary, _origin = find_redis_server()
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"unix://{socket_path}"
-    for _ in range(300):
-        try:
-            if redis.Redis.from_url(url).ping():
-                return process, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def jain(shares: list[float]) -> float:
@@ -107,7 +89,7 @@ class Sampler:
 
 
 def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dict:
-    redis_process, url = start_redis(work)
+    redis_process, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
     env |= {

@@ -37,35 +37,16 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
+from benchmarks.servers import start_redis  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
-from worker.embedded import find_redis_server  # noqa: E402
 
 GOAL_MS = 100
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    binary, _origin = find_redis_server()
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"unix://{socket_path}"
-    for _ in range(300):
-        try:
-            if redis.Redis.from_url(url).ping():
-                return process, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def worker_is_idle(connection: redis.Redis, name: str) -> bool:
@@ -102,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="runyard-queue-latency-"))
-    server, url = start_redis(work)
+    server, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
     env |= {

@@ -39,7 +39,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.embedded import find_redis_server  # noqa: E402
+from benchmarks.servers import start_redis as start_private_redis  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -48,26 +48,12 @@ def log(message: str) -> None:
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
     """A private redis-server with AOF on, logging every command to SLOWLOG."""
-    binary, _origin = find_redis_server()
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen(
-        [
-            *(binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", ""),
-            *("--appendonly", "yes", "--appendfsync", "everysec"),
-            *("--slowlog-log-slower-than", "0", "--slowlog-max-len", "200000"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return start_private_redis(
+        directory,
+        *("--save", ""),
+        *("--appendonly", "yes", "--appendfsync", "everysec"),
+        *("--slowlog-log-slower-than", "0", "--slowlog-max-len", "200000"),
     )
-    url = f"unix://{socket_path}"
-    for _ in range(300):
-        try:
-            if redis.Redis.from_url(url).ping():
-                return process, url
-        except (redis.ConnectionError, redis.ResponseError):
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def tree_env(tree: Path, url: str, home: Path) -> dict[str, str]:

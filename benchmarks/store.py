@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.chaos import start_redis  # noqa: E402
+from benchmarks.servers import start_redis  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
 from trainer.train import train  # noqa: E402
@@ -190,7 +190,7 @@ def failover_once(index: int, work: Path, endpoint: str, spec: dict, timeout: fl
 
     folder = work / f"failover-{index}"
     folder.mkdir()
-    server, url = start_redis(folder)
+    server, url = start_redis(folder, "--appendonly", "yes")
     store_env = {"RUNYARD_STORE": f"s3://bench/failover-{index}", "AWS_ENDPOINT_URL": endpoint} | MOTO_KEYS
     base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_", "AWS_"))}
     base |= {"REDIS_URL": url, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)} | store_env
