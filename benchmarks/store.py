@@ -67,7 +67,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def moto_server():
-    """moto's S3 server in its own process (its CPU is not the trainer's); yields its endpoint."""
+    """moto's S3 server in its own process (its CPU is not the trainer's), with bucket `bench`; yields its endpoint."""
     port = free_port()
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -81,7 +81,17 @@ def moto_server():
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=MOTO_KEYS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=MOTO_KEYS["AWS_SECRET_ACCESS_KEY"],
+            region_name=MOTO_KEYS["AWS_DEFAULT_REGION"],
+        ).create_bucket(Bucket="bench")
+        yield endpoint
     finally:
         process.kill()
         process.wait(10)
@@ -298,15 +308,6 @@ def run_failover(args: argparse.Namespace) -> dict:
     }
     runs = []
     with moto_server() as endpoint:
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="bench")
         for index in range(args.repeat):
             runs.append(failover_once(index, work, endpoint, spec, args.timeout, args.kill_lease_holder))
             if not args.json:
@@ -409,15 +410,6 @@ def main() -> None:
             results[kind] = epoch_seconds(run, home, {"RUNYARD_STORE": args.s3_url})
         else:
             with moto_server() as endpoint:
-                import boto3
-
-                boto3.client(
-                    "s3",
-                    endpoint_url=endpoint,
-                    aws_access_key_id="bench",
-                    aws_secret_access_key="bench",
-                    region_name="us-east-1",
-                ).create_bucket(Bucket="bench")
                 env = {"RUNYARD_STORE": "s3://bench/runs", "AWS_ENDPOINT_URL": endpoint} | MOTO_KEYS
                 results[kind] = epoch_seconds(run, home, env)
         print(kind, json.dumps(results[kind]), flush=True)
