@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
-from benchmarks.servers import start_redis  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, worker_env  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
@@ -85,24 +85,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="runyard-queue-latency-"))
     server, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
-    env |= {
-        "REDIS_URL": url,
-        "RUNYARD_HOME": str(work / "home"),
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = worker_env(url, work / "home", WANDB_MODE="disabled")
     name = "latency-0"
-    worker_log = (work / "worker.log").open("w")  # closed with the worker, below
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", name],
-        env=env,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=ROOT,
-    )
+    worker = start_worker_process(env, name, work / "worker.log", mode="w")
     rows = []
     try:
         data = work / "data"
@@ -157,7 +142,6 @@ def main() -> int:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        worker_log.close()
         server.terminate()
         server.wait(30)
 
