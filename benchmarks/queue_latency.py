@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
-from benchmarks.servers import start_redis, start_worker_process, worker_env  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, wait_until, worker_env  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
@@ -49,20 +49,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# How often the figures are polled: finer than the pick-up times being measured.
+POLL_S = 0.002
+
+
 def worker_is_idle(connection: redis.Redis, name: str) -> bool:
     """The worker registered under `name` exists and is waiting for a job."""
     state = connection.hget(f"rq:worker:{name}", "state")
     return state is not None and state.decode() == "idle"
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def first_log_line_time(train_log: Path) -> float | None:
@@ -109,10 +103,10 @@ def main() -> int:
         wait_until(lambda: worker_is_idle(connection, name), 120, "the worker to register", interval=0.05)
         for index in range(args.jobs):
             time.sleep(args.idle)
-            wait_until(lambda: worker_is_idle(connection, name), 60, "the worker to be idle")
+            wait_until(lambda: worker_is_idle(connection, name), 60, "the worker to be idle", POLL_S)
             before = time.time()
             job = publish_experiment(connection, spec, context={})
-            wait_until(lambda job=job: job.get_status(refresh=True) != JobStatus.QUEUED, 30, "the job to start")
+            wait_until(lambda job=job: job.get_status(refresh=True) != JobStatus.QUEUED, 30, "the job to start", POLL_S)
             seen = time.time()
             wait_until(
                 lambda job=job: job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED),
