@@ -151,7 +151,7 @@ def main() -> int:
             "train_seconds": report.train_seconds,
             "waiting_for_data_seconds": report.data_seconds,
         }
-        for report in trainer.history
+        for report in trainer.progress.history
     ]
     later = epochs[1:]
     epoch_2_plus = sum(epoch["img_s"] for epoch in later) / len(later)
