@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -286,33 +287,24 @@ def train(
     while True:
         trainer = Trainer(spec, context)
         trainer.oom_adjustments = adjustments
-        handler = logging.FileHandler(trainer.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger = logging.getLogger("runyard")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         retry = None
-        try:
-            info = trainer.resume() if resume else ResumeInfo()
-            info.adjustments = list(adjustments)
-            if on_resume is not None:
-                on_resume(info)
-            result = trainer.fit(on_epoch, should_stop)
-            trainer.finish_store("finished", result)  # finished only once durable in the store
-            return result
-        except Exception as error:
-            retry = oom.smaller_batch(spec, trainer.phase) if oom.is_out_of_memory(error) else None
-            if isinstance(error, TrainingInterrupted) and error.reason == LOST:
-                trainer.drop_store()  # its new owner writes the run now
-            elif not isinstance(error, StoreError):
-                stopped = isinstance(error, TrainingInterrupted) or retry is not None
-                trainer.finish_store("interrupted" if stopped else "failed", best_effort=True)
-            if retry is None:
-                raise
-            log.warning("run %s: %s; retrying with %s", trainer.run_name, str(error).splitlines()[0], retry[1]["to"])
-        finally:
-            logger.removeHandler(handler)
-            handler.close()
+        with logging_to(trainer.run_dir / "train.log"):
+            try:
+                info = trainer.resume() if resume else ResumeInfo()
+                info.adjustments = list(adjustments)
+                if on_resume is not None:
+                    on_resume(info)
+                result = trainer.fit(on_epoch, should_stop)
+                trainer.finish_store("finished", result)  # finished only once durable in the store
+                return result
+            except Exception as error:
+                retry = oom.smaller_batch(spec, trainer.phase) if oom.is_out_of_memory(error) else None
+                tell_store(trainer, error, retrying=retry is not None)
+                if retry is None:
+                    raise
+                log.warning(
+                    "run %s: %s; retrying with %s", trainer.run_name, str(error).splitlines()[0], retry[1]["to"]
+                )
         # Outside the except block the error's traceback, and the tensors its frames held, are gone.
         spec, adjustment = retry
         spec = spec.model_copy(update={"run_name": trainer.run_name})  # same run dir, whatever the clock says
@@ -320,3 +312,27 @@ def train(
         resume = resume or bool(trainer.progress.history)
         del trainer
         oom.free_memory()
+
+
+@contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """The runyard loggers also write to `path` (a run's train.log) inside the block."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("runyard")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def tell_store(trainer: Trainer, error: Exception, retrying: bool) -> None:
+    """A run that stopped with `error`: finish its upload as interrupted or failed, or drop it if lost."""
+    if isinstance(error, TrainingInterrupted) and error.reason == LOST:
+        trainer.drop_store()  # its new owner writes the run now
+    elif not isinstance(error, StoreError):
+        stopped = isinstance(error, TrainingInterrupted) or retrying
+        trainer.finish_store("interrupted" if stopped else "failed", best_effort=True)
