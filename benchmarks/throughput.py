@@ -352,7 +352,7 @@ def measure_seed_pipeline(spec, trainer, batches: int) -> float:
 
     from trainer.losses import create_criterion
     from trainer.models import create_model, normalization
-    from trainer.train import create_optimizer
+    from trainer.optim import create_optimizer
 
     device = trainer.device
     model = create_model(spec, trainer.num_classes).to(device)
