@@ -123,3 +123,13 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(run
     trainer.train_one_epoch()
     batches = len(trainer.train_loader)  # 210 images / 16 = 13 batches
     assert len(steps) == batches // 3  # the short trailing group is skipped, as drop_last does
+
+
+def test_a_stop_asked_before_the_first_epoch_trains_nothing_and_keeps_no_checkpoint(runs, demo_data):
+    trainer = Trainer(load_spec(tiny_spec(demo_data, run_name="before-epoch")))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.fit(should_stop=lambda: SHUTDOWN)  # the epoch boundary asks before any batch
+    assert (stopped.value.reason, stopped.value.epoch) == (SHUTDOWN, 0)
+    assert trainer.progress.steps == 0 and trainer.progress.history == []
+    assert not checkpoint_path(runs / "before-epoch").exists()
+    assert metrics(runs / "before-epoch") == []  # the header only
