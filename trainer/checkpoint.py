@@ -32,13 +32,16 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from contracts.epoch_report import EpochReport
 from trainer.interrupt import ResumeInfo
+
+if TYPE_CHECKING:
+    from trainer.store import RunStore
 
 
 def _no_best() -> dict[str, Any]:
@@ -217,10 +220,12 @@ def newest_readable(paths: Sequence[Path], device: torch.device | str) -> tuple[
     return chosen, state, problems
 
 
-def resume(state: TrainingState, run_dir: Path, run_name: str, store: Any, device: torch.device | str) -> ResumeInfo:
+def resume(
+    state: TrainingState, run_dir: Path, run_name: str, store: RunStore, device: torch.device | str
+) -> ResumeInfo:
     """Load into `state` the newest checkpoint of the run that loads; from scratch when none does.
 
-    `store` (a trainer.store.RunStore) may hold other boxes' checkpoints of this run. Every
+    `store` may hold other boxes' checkpoints of this run (fetched first). Every
     checkpoint that would not load is named, with the reason, in the log and in the result.
     """
     fetch_notes = fetch_from_store(store, run_name, run_dir)
@@ -247,7 +252,7 @@ def resume(state: TrainingState, run_dir: Path, run_name: str, store: Any, devic
     )
 
 
-def fetch_from_store(store: Any, run_name: str, run_dir: Path) -> list[str]:
+def fetch_from_store(store: RunStore, run_name: str, run_dir: Path) -> list[str]:
     """Download the store's checkpoints of this run that this box does not have (checked by size and
     sha256 against the manifest) into checkpoints/store/; returns what could not be fetched."""
     if not store.remote:
