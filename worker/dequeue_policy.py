@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import redis
@@ -120,10 +121,19 @@ class FollowGit:
     front of its queue and the worker stops, `restart_requested`, so that worker.cli re-executes it.
     """
 
-    def __init__(self, enabled: bool, connection: Callable[[], redis.Redis], worker_log: logging.Logger):
+    def __init__(
+        self,
+        enabled: bool,
+        connection: Callable[[], redis.Redis],
+        worker_log: logging.Logger,
+        checkout: Path = CODE_DIR,
+        loaded_sha: Callable[[], str | None] = lambda: loaded_code_state()["git_sha"],
+    ):
         self.enabled = enabled
         self.connection = connection
         self.log = worker_log  # RQ's worker logger: these lines read as the worker's own
+        self.checkout = checkout
+        self.loaded_sha = loaded_sha  # the commit whose code this process imported
         self.restart_requested = False
 
     def before_dequeue(self) -> None:
@@ -136,10 +146,12 @@ class FollowGit:
         if not self.enabled:
             return taken
         job, queue = taken
-        step = fast_forward(CODE_DIR)
+        step = fast_forward(self.checkout)
         if step.error:
-            self.log.warning("follow-git: cannot fast-forward %s (%s); running the current code", CODE_DIR, step.error)
-        loaded = loaded_code_state()["git_sha"]
+            self.log.warning(
+                "follow-git: cannot fast-forward %s (%s); running the current code", self.checkout, step.error
+            )
+        loaded = self.loaded_sha()
         if not step.after or step.after == loaded:
             return taken
         self.log.info(
