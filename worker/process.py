@@ -9,7 +9,8 @@ On top of RQ's Worker, each process (each duty a small object, in the module nam
   (worker.background: worker.heartbeat, worker.janitor), also while its horse trains;
 - on the first SIGTERM/SIGINT asks its horse to stop at the next step boundary; the job keeps its
   checkpoint and is requeued, not failed. A second signal kills the horse and requeues the job
-  (worker.shutdown); keeps RQ's scheduler process alive and stops it in time (worker.scheduler_guard);
+  (worker.shutdown);
+- restarts RQ's scheduler process when it died and stops it in time (worker.scheduler_guard);
 - charges a horse that died (OOM killer, segfault, kill -9) to the job's crash count;
 - marks a job stopped by `runyard cancel` as canceled, and leaves alone a job a janitor took away
   (worker.failures);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 from rq import Queue, Worker
 from rq.exceptions import StopRequested
@@ -48,7 +50,7 @@ from worker.preemption import clear_preemption
 from worker.scheduler_guard import SchedulerGuard
 from worker.shutdown import StopPolicy
 
-__all__ = ["JOB_OPTIONS", "RunyardWorker", "ended_unexpectedly"]
+__all__ = ["JOB_OPTIONS", "RunyardWorker", "ended_unexpectedly", "main"]
 
 
 # Every queue and job of a worker: JSON, never pickle; only runyard's entry points (worker.job).
@@ -210,9 +212,15 @@ def ended_unexpectedly(worker: RunyardWorker) -> bool:
     return not (asked or worker.outage.lost)
 
 
-if __name__ == "__main__":  # `python -m worker.process`: one worker process, as `worker` starts it
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.process` (worker.cli.process_main).
 
+    Also what a --follow-git worker of an earlier runyard re-executes after fast-forwarding to this code.
+    """
     from worker.cli import process_main
 
-    sys.exit(process_main())
+    return process_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
