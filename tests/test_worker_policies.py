@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import subprocess
+import sys
 
 import pytest
 import redis
@@ -302,3 +303,16 @@ def test_an_expected_failure_is_one_line_and_still_runs_the_exception_handlers(c
     assert caplog.records[-1].getMessage() == f"failure-test: job {job.id} failed (SpecError): lr: must be above 0"
     assert not worker.failures.log_expected(job, (ValueError, ValueError("a bug"), None))
     assert handled == [SpecError]
+
+
+# The process's command line --------------------------------------------------------------------
+
+
+def test_the_command_line_an_earlier_runyard_re_executes_after_follow_git_still_starts_a_worker_process():
+    # Before worker.cli held it, `worker` started (and a following worker re-executed) this bootstrap.
+    bootstrap = "import sys; from worker.process import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", bootstrap, "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m worker.process") and "--follow-git" in done.stdout
