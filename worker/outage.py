@@ -24,7 +24,7 @@ from worker.connection import RedisUnavailable, connect, mask_url, patient_conne
 from worker.heartbeat import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 RECONNECT_BACKOFF_S = (1, 2, 4, 8, 15, 30, 60)
 
