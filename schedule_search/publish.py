@@ -24,6 +24,7 @@ from rq.job import Dependency, Job
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
+from publisher.job_batch import JobBatch
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish_context, queue, rq_queue_name
 from publisher.run_index import index_run_jobs
 from schedule_search.methods import keeps_space
@@ -304,10 +305,10 @@ def _enqueue_runs(
     timeout_s: int,
     max_requeues: int,
 ) -> list[dict[str, Any]]:
-    """One transaction: the chunk's run jobs on their RQ queues, and their run names in the index."""
+    """One transaction: the chunk's run jobs (publisher.job_batch) and their run names in the index."""
     if not to_enqueue:
         return []
-    by_queue: dict[str, list] = defaultdict(list)
+    batch = JobBatch(connection)
     enqueued = []
     checked: dict[str, Any] | None = None  # the chunk's first options, checked by job_options
     for point, claim in to_enqueue:
@@ -320,13 +321,12 @@ def _enqueue_runs(
             options = checked
         else:
             options = _point_options(checked, point, claim)
-        by_queue[queue_name].append(Queue.prepare_data(RUN_EXPERIMENT, kwargs=kwargs, **options))
+        batch.add(queue_name, RUN_EXPERIMENT, kwargs, options)
         enqueued.append(
             {"point": point.id, "job_id": claim["job_id"], "run_name": claim["run_name"], "queue": queue_name}
         )
     with connection.pipeline() as pipeline:
-        for queue_name, datas in by_queue.items():
-            queue(connection, queue_name).enqueue_many(datas, pipeline=pipeline)
+        batch.write(pipeline)
         index_run_jobs(pipeline, {job["run_name"]: job["job_id"] for job in enqueued})
         pipeline.execute()
     return enqueued
