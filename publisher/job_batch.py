@@ -51,7 +51,8 @@ class JobBatch:
             template = self._templates[queue_name] = self._template(queue_name, func_name, kwargs, options)
         payload = JSONSerializer.dumps((func_name, None, (), kwargs))
         job_hash = template | {
-            "data": zlib.compress(payload),
+            # Level 1: a third less CPU than zlib's default for ~5% more bytes; RQ decompresses any level.
+            "data": zlib.compress(payload, 1),
             "description": options["description"],
             "meta": json.dumps(options["meta"]).encode(),
         }

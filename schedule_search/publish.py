@@ -11,10 +11,11 @@ script call, then one transaction for the chunk's runs), then the k-fold aggrega
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,15 @@ from rq.job import Dependency, Job
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
 from publisher.job_batch import JobBatch
-from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish_context, queue, rq_queue_name
+from publisher.queue import (
+    DEFAULT_RETRIES,
+    JOB_TIMEOUT_S,
+    job_options,
+    publish_context,
+    queue,
+    queue_for,
+    rq_queue_name,
+)
 from publisher.run_index import index_run_jobs
 from schedule_search.methods import keeps_space
 from schedule_search.points import Point
@@ -147,7 +156,7 @@ def claim_points(
 
     Returns (point, outcome, claim) for each point. One script call: keep `points` to a CHUNK.
     """
-    points = search.points if points is None else points
+    points = list(search.points) if points is None else points
     arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
     for point in points:
         info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
@@ -163,10 +172,11 @@ def claim_points(
     return claims
 
 
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in consecutive slices of at most `size`."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """`items` (any iterable, consumed lazily) in consecutive lists of at most `size`."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def release_claims(connection: redis.Redis, search: Search, claims: list[tuple[str, str]]) -> None:
@@ -280,8 +290,8 @@ def _point_options(checked: dict[str, Any], point: Point, claim: dict[str, Any])
     meta = checked["meta"] | {
         "run_name": claim["run_name"],
         "spec_hash": point.id if point.kind in ("run", "fold") else point.spec.spec_hash(),
-        "model": point.spec.model,
-        "epochs": point.spec.epochs,
+        "model": point.payload["model"],
+        "epochs": point.payload["epochs"],
         "point": point.id,
         "kind": point.kind,
         "params": dict(point.params),
@@ -312,9 +322,9 @@ def _enqueue_runs(
     enqueued = []
     checked: dict[str, Any] | None = None  # the chunk's first options, checked by job_options
     for point, claim in to_enqueue:
-        queue_name = rq_queue_name(point.spec)  # the claimed run name changes neither queue nor priority
-        spec_payload = point.spec.to_payload()
-        spec_payload["run_name"] = claim["run_name"]  # what the spec with its claimed run name dumps to
+        # The claimed run name changes neither queue nor priority.
+        queue_name = queue_for(point.payload["queue"], point.payload["priority"])
+        spec_payload = point.payload | {"run_name": claim["run_name"]}  # the spec with its claimed run name
         kwargs = {"spec": spec_payload, "context": context, "search": search.payload(point)}
         if checked is None:
             checked = _job_options(point, point.spec, search, claim, context, retries, timeout_s, max_requeues)
