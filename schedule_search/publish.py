@@ -43,7 +43,7 @@ from trainer.spec import ExperimentSpec
 from worker.asha import recover_promotions
 from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
-from worker.results import get_search
+from worker.results import RESERVE_RUN_NAME_LUA, get_search
 from worker.search_stop import clear_stop
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
@@ -54,7 +54,10 @@ CHUNK = 500
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
 # (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON}.
-CLAIM_SCRIPT = """
+# Run names are reserved the way `publish` reserves them: worker.results.RESERVE_RUN_NAME_LUA.
+CLAIM_SCRIPT = (
+    RESERVE_RUN_NAME_LUA
+    + """
 local points, names = KEYS[1], KEYS[2]
 local grace, dry = tonumber(ARGV[1]), ARGV[2] == '1'
 local job_prefix, run_prefix = ARGV[3], ARGV[4]
@@ -82,11 +85,7 @@ for i = 5, #ARGV, 4 do
     end
   end
   if (outcome == 'new' or string.sub(outcome, 1, 6) == 'retry:') and not dry then
-    local name, suffix = run_name, 1
-    while redis.call('SADD', names, name) == 0 do
-      suffix = suffix + 1
-      name = run_name .. '-' .. suffix
-    end
+    local name = reserve_run_name(names, run_name)
     claim = '{"job_id":"' .. job_id .. '","run_name":"' .. name .. '","claimed_at":'
       .. string.format('%.6f', now) .. ',"info":' .. info .. '}'
     redis.call('HSET', points, id, claim)
@@ -95,6 +94,7 @@ for i = 5, #ARGV, 4 do
 end
 return results
 """
+)
 
 # Undo claims whose jobs could not be enqueued, and free their run names.
 # KEYS: points hash, run-name set; ARGV: (point id, job id) pairs.
