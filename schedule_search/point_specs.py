@@ -46,14 +46,16 @@ class PointSpecs:
                 by_block.setdefault(tops[key], []).append(key)
         self.parts = [tuple(keys) for keys in by_block.values()] + ([self.cross] if self.cross else [])
         self.searched_fields = set(tops.values())
+        # The spec hash's canonical JSON, a piece per top-level field in sorted order.
         self.hashed = sorted(key for key in self.first if key not in NON_RESULT_FIELDS)
-        self.fragments = {key: json_fragment(key, self.first[key]) for key in self.hashed}
-        self._checked: dict[Any, tuple[dict[str, Any], dict[str, str]] | SpecError] = {}
-        for keys in self.parts:  # the first point's values: checked with it
+        self.position = {key: number for number, key in enumerate(self.hashed)}
+        self.pieces = [json_fragment(key, self.first[key]) for key in self.hashed]
+        # Per part: its values' key (value_key) -> (the fields they set, [(position, piece)]) or an error.
+        self._checked: list[dict[Any, tuple[dict[str, Any], list[tuple[int, str]]] | SpecError]] = []
+        for keys in self.parts:  # the first point's values are checked with it
             fields = {key.split(".")[0] for key in keys}
-            checked = {field: self.first[field] for field in fields}
-            pieces = {field: self.fragments[field] for field in fields if field in self.fragments}
-            self._checked[(keys, value_key(tuple(first[key] for key in keys)))] = (checked, pieces)
+            checked = ({field: self.first[field] for field in fields}, self._pieces(fields))
+            self._checked.append({value_key(tuple(first[key] for key in keys)): checked})
 
     def payload(self, params: dict[str, Any], run_name: str) -> tuple[dict[str, Any], str]:
         """(the spec's JSON dump with `run_name`, its spec hash) for a point; SpecError if it is invalid."""
@@ -65,37 +67,38 @@ class PointSpecs:
         return spec.to_payload(), spec.spec_hash()
 
     def _from_parts(self, params: dict[str, Any], run_name: str) -> tuple[dict[str, Any], str] | None:
-        payload, fragments, problems = dict(self.first), dict(self.fragments), []
-        for keys in self.parts:
-            checked = self._check(keys, tuple(params[key] for key in keys))
-            if self.exact:
-                return None
+        payload, pieces, problems = dict(self.first), self.pieces.copy(), []
+        for number, keys in enumerate(self.parts):
+            values = tuple([params[key] for key in keys])
+            key = value_key(values)
+            checked = self._checked[number].get(key)
+            if checked is None:
+                checked = self._check(number, keys, values, key)
+                if self.exact:
+                    return None
             if isinstance(checked, SpecError):
                 problems.append(str(checked))
                 continue
             payload.update(checked[0])
-            fragments.update(checked[1])
+            for position, piece in checked[1]:
+                pieces[position] = piece
         if problems:
             raise SpecError("\n".join(dict.fromkeys(problems)))
         payload["run_name"] = run_name
-        canonical = "{" + ",".join(fragments[key] for key in self.hashed) + "}"
+        canonical = "{" + ",".join(pieces) + "}"
         return payload, hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def _check(
-        self, keys: tuple[str, ...], values: tuple[Any, ...]
-    ) -> tuple[dict[str, Any], dict[str, str]] | SpecError:
-        """The fields `values` of `keys` set in a spec (and their JSON pieces), checked once per distinct values."""
-        cache_key = (keys, value_key(values))
-        found = self._checked.get(cache_key)
-        if found is not None:
-            return found
+        self, number: int, keys: tuple[str, ...], values: tuple[Any, ...], key: Any
+    ) -> tuple[dict[str, Any], list[tuple[int, str]]] | SpecError:
+        """The fields `values` of `keys` set in a spec (and their hash pieces), or its error; kept for later points."""
         try:
             dump = load_spec(
                 merge(self.base, nest(self.first_params | dict(zip(keys, values, strict=True))))
             ).to_payload()
         except SpecError as error:
-            found = self._checked[cache_key] = error
-            return found
+            self._checked[number][key] = error
+            return error
         own = {key.split(".")[0] for key in keys}
         changed = {field for field, value in dump.items() if value != self.first[field]}
         # Only the cross-field checks' fields may set another field (batch_size: min_batch_size's
@@ -105,9 +108,12 @@ class PointSpecs:
             self.exact = True  # the parameters are not independent: validate each point in full
             return SpecError("")
         fields = {field: dump[field] for field in own | changed}
-        fragments = {field: json_fragment(field, value) for field, value in fields.items() if field in self.fragments}
-        found = self._checked[cache_key] = (fields, fragments)
-        return found
+        checked = self._checked[number][key] = (fields, self._pieces(fields, dump))
+        return checked
+
+    def _pieces(self, fields: set[str] | dict[str, Any], dump: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+        dump = dump if dump is not None else self.first
+        return [(self.position[field], json_fragment(field, dump[field])) for field in fields if field in self.position]
 
 
 def json_fragment(key: str, value: Any) -> str:
@@ -117,9 +123,9 @@ def json_fragment(key: str, value: Any) -> str:
 
 def value_key(values: tuple[Any, ...]) -> Any:
     """A dict key telling apart values that compare equal but validate differently (1, 1.0, True)."""
+    key = tuple([(type(value), value) for value in values])
     try:
-        key = tuple((type(value), value) for value in values)
         hash(key)
-        return key
     except TypeError:  # a list or mapping value
         return json.dumps(values, sort_keys=True, default=repr)
+    return key

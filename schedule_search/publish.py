@@ -53,7 +53,9 @@ CLAIM_GRACE_S = 120
 CHUNK = 500
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
-# (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON}.
+# (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON} per
+# point, or {point id, outcome, false, reserved run name} for a point claimed now (the caller has
+# the rest of its claim: no JSON to send back and parse per new point).
 # Run names are reserved the way `publish` reserves them: worker.results.RESERVE_RUN_NAME_LUA.
 CLAIM_SCRIPT = (
     RESERVE_RUN_NAME_LUA
@@ -86,11 +88,12 @@ for i = 5, #ARGV, 4 do
   end
   if (outcome == 'new' or string.sub(outcome, 1, 6) == 'retry:') and not dry then
     local name = reserve_run_name(names, run_name)
-    claim = '{"job_id":"' .. job_id .. '","run_name":"' .. name .. '","claimed_at":'
-      .. string.format('%.6f', now) .. ',"info":' .. info .. '}'
-    redis.call('HSET', points, id, claim)
+    redis.call('HSET', points, id, '{"job_id":"' .. job_id .. '","run_name":"' .. name .. '","claimed_at":'
+      .. string.format('%.6f', now) .. ',"info":' .. info .. '}')
+    results[#results + 1] = {id, outcome, false, name}
+  else
+    results[#results + 1] = {id, outcome, claim or false}
   end
-  results[#results + 1] = {id, outcome, claim or false}
 end
 return results
 """
@@ -158,17 +161,23 @@ def claim_points(
     """
     points = list(search.points) if points is None else points
     arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
+    job_ids = {}
     for point in points:
         info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
         info = json.dumps(info, separators=(",", ":"))
-        arguments += [point.id, str(uuid.uuid4()), point.run_name, info]
+        job_ids[point.id] = job_id = str(uuid.uuid4())
+        arguments += [point.id, job_id, point.run_name, info]
     script = connection.register_script(CLAIM_SCRIPT)
     replies = script(keys=[search_points_key(search.name), RUN_NAMES_KEY], args=arguments)
     by_id = {point.id: point for point in points}
     claims = []
-    for point_id, outcome, claim in replies:
-        claim_record = json.loads(claim) if claim else None
-        claims.append((by_id[point_id.decode()], outcome.decode(), claim_record))
+    for reply in replies:
+        point_id = reply[0].decode()
+        if len(reply) == 4:  # claimed now, under the job id sent and the run name reserved
+            claim_record = {"job_id": job_ids[point_id], "run_name": reply[3].decode()}
+        else:
+            claim_record = json.loads(reply[2]) if reply[2] else None
+        claims.append((by_id[point_id], reply[1].decode(), claim_record))
     return claims
 
 
