@@ -25,7 +25,7 @@ from rq.job import Dependency, Job
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
-from publisher.job_batch import JobBatch
+from publisher.job_batch import JobBatch, json_bytes
 from publisher.queue import (
     DEFAULT_RETRIES,
     JOB_TIMEOUT_S,
@@ -163,8 +163,7 @@ def claim_points(
     arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
     job_ids = {}
     for point in points:
-        info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
-        info = json.dumps(info, separators=(",", ":"))
+        info = json_bytes({"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params})
         job_ids[point.id] = job_id = str(uuid.uuid4())
         arguments += [point.id, job_id, point.run_name, info]
     script = connection.register_script(CLAIM_SCRIPT)
