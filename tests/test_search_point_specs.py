@@ -3,6 +3,8 @@ a search's points are made lazily and published a chunk at a time, each exactly 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import yaml
 
@@ -15,7 +17,7 @@ from schedule_search.points import SearchPoints
 from schedule_search.publish import CHUNK, publish_search
 from schedule_search.search import load_search
 from tests.helpers import tiny_spec, write_search
-from trainer.spec import load_spec
+from trainer.spec import CROSS_FIELD_CHECKS, ExperimentSpec, load_spec
 
 # Independent fields (float, int, a string parsed by a validator, a choice) beside fields checked
 # together: two leaves of one nested block, and the fields of the spec's cross-field checks.
@@ -133,3 +135,12 @@ def test_a_20000_point_grid_is_made_a_chunk_at_a_time_and_each_point_published_o
     assert publish_search(connection, load_search(path)).enqueued == 0  # published again: nothing new
     assert connection.llen("rq:queue:default") == 20_000
     assert yaml.safe_load(path.read_text())["parameters"] == grid
+
+
+def test_the_spec_validates_each_field_alone_but_for_the_cross_field_checks_point_specs_knows():
+    """What makes checking each value once exact; a new model validator must update CROSS_FIELD_CHECKS."""
+    decorators = ExperimentSpec.__pydantic_decorators__
+    for validator in decorators.field_validators.values():
+        assert list(inspect.signature(validator.func).parameters) == ["value"]  # no ValidationInfo: no other field
+    assert sorted(decorators.model_validators) == ["_consistent", "_default_min_batch_size"]
+    assert {"epochs", "warmup_epochs", "batch_size", "min_batch_size"} <= CROSS_FIELD_CHECKS
