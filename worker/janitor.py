@@ -40,6 +40,7 @@ from rq.utils import now, parse_composite_key
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
 from contracts.keys import JANITOR_LEASE_KEY, WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 from worker.job import AllowListedJob, RefusedPayload, quarantine
 
@@ -208,7 +209,12 @@ def requeue_job(
             worker = pipeline.hget(execution.key, "worker_name")
             execution.worker_name = worker.decode() if worker else ""
             status = job.get_status(refresh=False) if job is not None else None
-            queue = Queue(job.origin, connection=connection, serializer=JSONSerializer) if job is not None else None
+            # A FairShareQueue: the requeue also puts the job in its owner index (worker.queue_index).
+            queue = (
+                FairShareQueue(job.origin, connection=connection, serializer=JSONSerializer)
+                if job is not None
+                else None
+            )
             queued_already = status == JobStatus.QUEUED and pipeline.lpos(queue.key, job_id) is not None
             if status not in (JobStatus.STARTED, JobStatus.QUEUED) or queued_already:
                 # The job ended, vanished or is queued again: only its registry entry was left behind.
