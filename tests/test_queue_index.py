@@ -20,7 +20,9 @@ FUNC = "worker.jobs.run_experiment"
 
 def enqueue(queue: Queue, owners: list[str], at_front: bool = False) -> list[str]:
     """Jobs as publish enqueues them (the owner in meta), one per owner in this order."""
-    datas = [Queue.prepare_data(FUNC, kwargs={"spec": {}}, meta={"owner": owner}, at_front=at_front) for owner in owners]
+    datas = [
+        Queue.prepare_data(FUNC, kwargs={"spec": {}}, meta={"owner": owner}, at_front=at_front) for owner in owners
+    ]
     return [job.id for job in queue.enqueue_many(datas)]
 
 
