@@ -51,7 +51,7 @@ log = logging.getLogger("runyard.trainer")
 
 
 EpochCallback = Callable[[EpochReport], "bool | None"]
-StopCallback = Callable[[], "str | None"]
+StopCallback = Callable[..., "str | None"]  # called after each step, and with boundary="epoch" before each epoch
 ResumeCallback = Callable[[ResumeInfo], None]
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
 
@@ -198,7 +198,7 @@ class Trainer:
             log.info("run %s: resuming after epoch %d from %s", self.run_name, self.start_epoch, self.run_dir)
         try:
             for epoch in range(self.start_epoch + 1, spec.epochs + 1):
-                self._step_boundary()
+                self._step_boundary(boundary="epoch")
                 report = self._run_epoch(epoch, setup_seconds)
                 if on_epoch is not None and on_epoch(report):
                     stopped_early = epoch < spec.epochs
@@ -419,9 +419,9 @@ class Trainer:
             **({"ema": self.ema.module.state_dict(), "steps": self.steps} if self.ema is not None else {}),
         } | checkpoint.training_state(self)
 
-    def _step_boundary(self) -> None:
+    def _step_boundary(self, **where: str) -> None:
         """After each optimizer step (and before each epoch): stop here if `should_stop` says so."""
-        reason = self.should_stop() if self.should_stop is not None else None
+        reason = self.should_stop(**where) if self.should_stop is not None else None
         if reason:
             raise TrainingInterrupted(reason, self.history[-1].epoch if self.history else self.start_epoch)
 
