@@ -59,6 +59,9 @@ REQUEUED_AFTER_S = 30
 MAX_SKIPS = 200
 MAX_MISSES = 4
 
+# GPU hours per owner are kept this long (`runyard status --owners --window` reads at most this).
+HOURLY_KEPT_H = 7 * 24
+
 # Shared by the take and the charge: decay an owner's usage to `now` and add `extra` seconds.
 _DECAY_LUA = """
 local function decayed(usage_key, usage_at_key, owner, now, half_life)
@@ -72,11 +75,25 @@ local function charge(usage_key, usage_at_key, owner, now, half_life, extra)
   redis.call('HSET', usage_key, owner, tostring(usage))
   redis.call('HSET', usage_at_key, owner, tostring(now))
 end
+local function charge_hours(usage_key, usage_at_key, hourly_key, owner, now, half_life, held)
+  charge(usage_key, usage_at_key, owner, now, half_life, held)
+  if held <= 0 then return end
+  local hour = math.floor(now / 3600)
+  local field = owner .. '\t' .. tostring(hour)
+  if redis.call('HEXISTS', hourly_key, field) == 0 then
+    -- The owner's first charge this hour: drop every owner's hours older than anyone reads.
+    for _, old in ipairs(redis.call('HKEYS', hourly_key)) do
+      local old_hour = tonumber(string.match(old, '\t(%d+)$'))
+      if old_hour and old_hour <= hour - HOURLY_KEPT_H then redis.call('HDEL', hourly_key, old) end
+    end
+  end
+  redis.call('HINCRBYFLOAT', hourly_key, field, held)
+end
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-"""
+""".replace("HOURLY_KEPT_H", str(HOURLY_KEPT_H))
 
 # rq internals this script relies on (rq 3.0): a queue is a Redis list of job ids, taken from the
 # left (RQ's LPOP); a job is the hash Job.redis_job_namespace_prefix + id, whose `status` field is
@@ -84,7 +101,7 @@ end
 # does; the worker then registers the job (StartedJobRegistry, execution) as after any dequeue.
 # The candidates come from each queue's owner index (worker.queue_index), not from RQ's list.
 # KEYS: per queue (in priority order) its key, index jobs, index owners, checked; then usage,
-# usage_at, running, quota.
+# usage_at, running, quota, hourly.
 # ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s, the (1-based)
 # queue index and id of a job the caller popped with BLPOP (0 and '' for none: it goes back first),
 # then per queue its name and its owner lists' key prefix.
@@ -98,7 +115,7 @@ TAKE_LUA = (
         + """
 local nq = tonumber(ARGV[1])
 local usage_key, usage_at_key = KEYS[4 * nq + 1], KEYS[4 * nq + 2]
-local running_key, quota_key = KEYS[4 * nq + 3], KEYS[4 * nq + 4]
+local running_key, quota_key, hourly_key = KEYS[4 * nq + 3], KEYS[4 * nq + 4], KEYS[4 * nq + 5]
 local half_life, prefix = tonumber(ARGV[2]), ARGV[3]
 local stale, requeued_after = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = clock()
@@ -120,8 +137,13 @@ for i = 1, #entries, 2 do
   local status = redis.call('HGET', prefix .. entries[i], 'status')
   last = tonumber(last)
   if owner == nil or last == nil or now - last > stale or status == false
-     or (status == 'queued' and now - last > requeued_after)
-     or (status ~= 'queued' and status ~= 'started') then
+     or (status == 'queued' and now - last > requeued_after) then
+    redis.call('HDEL', running_key, entries[i])
+  elseif status ~= 'queued' and status ~= 'started' then
+    -- It ended a moment ago and its worker has not charged it yet (it does just after RQ marks
+    -- the job ended): charge the owner here, or that charge finds no entry and the time since
+    -- the job's last charge (often all of a short job) would never count.
+    charge_hours(usage_key, usage_at_key, hourly_key, owner, now, half_life, math.max(0, now - last))
     redis.call('HDEL', running_key, entries[i])
   else
     running[owner] = (running[owner] or 0) + 1
@@ -213,10 +235,7 @@ if not entry then return '0' end
 local owner, last = string.match(entry, '^(.*)\\t([%d%.e%+%-]+)$')
 local now = clock()
 local held = math.max(0, now - tonumber(last or now))
-charge(usage_key, usage_at_key, owner or '', now, tonumber(ARGV[2]), held)
-if held > 0 then
-  redis.call('HINCRBYFLOAT', hourly_key, (owner or '') .. '\t' .. tostring(math.floor(now / 3600)), held)
-end
+charge_hours(usage_key, usage_at_key, hourly_key, owner or '', now, tonumber(ARGV[2]), held)
 if ARGV[3] == '1' then
   redis.call('HDEL', running_key, ARGV[1])
 else
@@ -281,7 +300,7 @@ def _take(
     """The take, and how many jobs stay queued when it took none."""
     names = [queue_name_of(key) for key in queue_keys]
     keys = [key for key, name in zip(queue_keys, names, strict=True) for key in _queue_keys(key, name)]
-    keys += [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY]
+    keys += [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY, HOURLY_KEY]
     base = [len(queue_keys), half_life or half_life_s(), Job.redis_job_namespace_prefix, STALE_RUNNING_S]
     base += [REQUEUED_AFTER_S]
     per_queue = [value for name in names for value in (name, queue_index_owner_key(name, ""))]
