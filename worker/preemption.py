@@ -48,6 +48,7 @@ from contracts.keys import PREEMPT_FOR_PREFIX, PREEMPT_LOCK_KEY, PREEMPT_OFF_KEY
 from trainer.interrupt import EPOCH_BOUNDARY, STEP_BOUNDARY
 from worker.fair_share import running_entries
 from worker.heartbeat import REDIS_ERRORS
+from worker.queue_index import OWNER_FIELD
 
 # Redis keys of this module (to move into the contracts module's key table).
 
@@ -188,7 +189,7 @@ def preemption_candidates(connection: redis.Redis, high_queue: str, workers: lis
 
 def _owner_has_room(connection: redis.Redis, job_id: str) -> bool:
     """Whether the queued job's owner could start another job now (quota)."""
-    owner = connection.hget(Job.key_for(job_id), "runyard_owner")
+    owner = connection.hget(Job.key_for(job_id), OWNER_FIELD)
     owner = as_text(owner) if owner is not None else ""
     cap = connection.hget(QUOTA_KEY, owner)
     if cap is None:

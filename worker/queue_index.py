@@ -53,7 +53,7 @@ local function owner_of(job_key)
   -- A record that is not a hash (a teammate's tool wrote it) has no owner; a take hands it to the
   -- worker's fetch, which quarantines it instead of this script failing every dequeue.
   if redis.call('TYPE', job_key).ok ~= 'hash' then return '' end
-  local owner = redis.call('HGET', job_key, 'runyard_owner')
+  local owner = redis.call('HGET', job_key, 'OWNER_FIELD')
   if owner then return owner end
   owner = ''
   local meta = redis.call('HGET', job_key, 'meta')
@@ -61,7 +61,7 @@ local function owner_of(job_key)
     local ok, decoded = pcall(cjson.decode, meta)
     if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
   end
-  redis.call('HSET', job_key, 'runyard_owner', owner)
+  redis.call('HSET', job_key, 'OWNER_FIELD', owner)
   return owner
 end
 local function index_job(jobs_key, owners_key, owner_prefix, job_prefix, id, at_front)
@@ -71,7 +71,7 @@ local function index_job(jobs_key, owners_key, owner_prefix, job_prefix, id, at_
   redis.call('SADD', owners_key, owner)
   return 1
 end
-"""
+""".replace("OWNER_FIELD", OWNER_FIELD)
 
 # KEYS: jobs, owners. ARGV: owner list prefix, job key prefix, job id, 1 to put it first.
 _INDEX = Script(
