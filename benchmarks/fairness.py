@@ -185,7 +185,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
     total = sum(held.values())
     shares = [held[owner] / total if total else 0.0 for owner in owners]
     preempted = [job for job in sampler.jobs.values() if job.meta.get("preemptions")]
-    redone = [entry.get("work_lost_s") for job in preempted for entry in job.meta["preemptions"]]
+    entries = [entry for job in preempted for entry in job.meta["preemptions"]]
+    redone = [entry.get("work_redone_s") for entry in entries]
     epoch_s = [
         (job.meta.get("progress") or {}).get("seconds") for job in sampler.jobs.values() if job.meta.get("progress")
     ]
@@ -199,7 +200,10 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
         # Of the high job's latency: until a Preemptor asked, then until the victim had stopped.
         "asked_after_s": [round(e["requested_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
         "stopped_after_s": [round(e["at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
-        "work_redone_s": [round(value, 1) for value in redone if value is not None],
+        "stop_at": [entry.get("stop_at") for entry in entries],
+        "training_redone_s": [round(value, 1) for value in redone if value is not None],  # the partial epoch
+        "setup_paid_again_s": [round(entry["setup_s"], 1) for entry in entries if entry.get("setup_s") is not None],
+        "since_checkpoint_s": [round(entry["work_lost_s"], 1) for entry in entries if "work_lost_s" in entry],
         "median_epoch_s": round(statistics.median([s for s in epoch_s if s]), 1) if epoch_s else None,
         "jobs": len(sampler.jobs),
         "ran_twice_or_more": sum(1 for job in sampler.jobs.values() if int(job.meta.get("attempts", 1)) > 1),
