@@ -35,7 +35,7 @@ from rq.job import Job, JobStatus  # noqa: E402
 from rq.results import Result  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from benchmarks.servers import start_redis  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, worker_env  # noqa: E402
 from contracts.keys import heartbeat_key  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
@@ -46,14 +46,7 @@ ATTEMPT_LINE = re.compile(r"^(\S+ \S+) INFO run \S+: ")  # an attempt starts tra
 
 
 def start_worker(env: dict[str, str], name: str, logs: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", name],
-        env=env,
-        stdout=open(logs / f"{name}.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=ROOT,
-    )
+    return start_worker_process(env, name, logs / f"{name}.log", mode="w")
 
 
 def kill_9(worker: subprocess.Popen, horse_pid: int | None) -> None:
@@ -115,15 +108,7 @@ def main() -> int:
     logs.mkdir()
     server, url = start_redis(work, "--appendonly", "yes")
     connection = redis.Redis.from_url(url)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
-    env |= {
-        "REDIS_URL": url,
-        "RUNYARD_HOME": str(work / "home"),
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "RUNYARD_WORKERS_PER_BOX": str(args.workers),
-    }
+    env = worker_env(url, work / "home", RUNYARD_WORKERS_PER_BOX=str(args.workers))
     workers: dict[str, subprocess.Popen] = {}
     kills: list[dict] = []
     started = time.time()

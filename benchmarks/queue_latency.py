@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
-from benchmarks.servers import start_redis  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, wait_until, worker_env  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
@@ -49,20 +49,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# How often the figures are polled: finer than the pick-up times being measured.
+POLL_S = 0.002
+
+
 def worker_is_idle(connection: redis.Redis, name: str) -> bool:
     """The worker registered under `name` exists and is waiting for a job."""
     state = connection.hget(f"rq:worker:{name}", "state")
     return state is not None and state.decode() == "idle"
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def first_log_line_time(train_log: Path) -> float | None:
@@ -85,24 +79,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="runyard-queue-latency-"))
     server, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
-    env |= {
-        "REDIS_URL": url,
-        "RUNYARD_HOME": str(work / "home"),
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = worker_env(url, work / "home", WANDB_MODE="disabled")
     name = "latency-0"
-    worker_log = (work / "worker.log").open("w")  # closed with the worker, below
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", name],
-        env=env,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=ROOT,
-    )
+    worker = start_worker_process(env, name, work / "worker.log", mode="w")
     rows = []
     try:
         data = work / "data"
@@ -124,10 +103,10 @@ def main() -> int:
         wait_until(lambda: worker_is_idle(connection, name), 120, "the worker to register", interval=0.05)
         for index in range(args.jobs):
             time.sleep(args.idle)
-            wait_until(lambda: worker_is_idle(connection, name), 60, "the worker to be idle")
+            wait_until(lambda: worker_is_idle(connection, name), 60, "the worker to be idle", POLL_S)
             before = time.time()
             job = publish_experiment(connection, spec, context={})
-            wait_until(lambda job=job: job.get_status(refresh=True) != JobStatus.QUEUED, 30, "the job to start")
+            wait_until(lambda job=job: job.get_status(refresh=True) != JobStatus.QUEUED, 30, "the job to start", POLL_S)
             seen = time.time()
             wait_until(
                 lambda job=job: job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED),
@@ -157,7 +136,6 @@ def main() -> int:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        worker_log.close()
         server.terminate()
         server.wait(30)
 

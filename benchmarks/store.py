@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.servers import start_redis  # noqa: E402
+from benchmarks.servers import kill_worker, start_redis, start_worker_process  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
 from trainer.spec import load_spec  # noqa: E402
 from trainer.train import train  # noqa: E402
@@ -133,42 +132,6 @@ ATTEMPT = re.compile(
 )  # an attempt's set-up is done (logged on a fresh start too)
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`, read from /proc (a worker's work horse and scheduler)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def kill_box(pid: int) -> None:
-    """kill -9 a worker process and everything it started (the work horse has its own process group)."""
-    groups = {pid}
-    for child in child_pids(pid):
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(child))
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-
-
-def start_box(env: dict[str, str], name: str, log_path: Path) -> subprocess.Popen:
-    """One box's worker (what `worker` starts per GPU), in its own session, logging to a file."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", name],
-        env=env,
-        stdout=open(log_path, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=ROOT,
-    )
-
-
 def log_events(path: Path, after: float) -> list[tuple[float, str]]:
     """(unix time, message) of the INFO lines of a train.log written after `after`."""
     events = []
@@ -211,7 +174,9 @@ def failover_once(index: int, work: Path, endpoint: str, spec: dict, timeout: fl
     workers: dict[str, subprocess.Popen] = {}
 
     def start(name: str) -> None:
-        workers[name] = start_box(base | {"RUNYARD_HOME": str(folder / name)}, name, folder / f"{name}.log")
+        workers[name] = start_worker_process(
+            base | {"RUNYARD_HOME": str(folder / name)}, name, folder / f"{name}.log", mode="w"
+        )
 
     def worker_of_job() -> str | None:
         job.refresh()
@@ -238,7 +203,7 @@ def failover_once(index: int, work: Path, endpoint: str, spec: dict, timeout: fl
         seen = stored_epoch()
         wait(lambda: stored_epoch() > max(seen, 1), 300, "the next epoch (>= 2) in the store")
         lease_holder = (connection.get(JANITOR_LEASE_KEY) or b"").decode()
-        kill_box(workers[victim].pid)
+        kill_worker(workers[victim].pid)
         killed = time.time()
         workers[victim].wait(10)
         at_kill = stored_epoch()  # what box B can resume from
@@ -274,7 +239,7 @@ def failover_once(index: int, work: Path, endpoint: str, spec: dict, timeout: fl
     finally:
         for process in workers.values():
             if process.poll() is None:  # box A is already reaped: its pid may be someone else's now
-                kill_box(process.pid)
+                kill_worker(process.pid)
                 process.wait(10)
         server.kill()
         server.wait(10)

@@ -151,7 +151,7 @@ def main() -> int:
             "train_seconds": report.train_seconds,
             "waiting_for_data_seconds": report.data_seconds,
         }
-        for report in trainer.history
+        for report in trainer.progress.history
     ]
     later = epochs[1:]
     epoch_2_plus = sum(epoch["img_s"] for epoch in later) / len(later)
@@ -352,7 +352,7 @@ def measure_seed_pipeline(spec, trainer, batches: int) -> float:
 
     from trainer.losses import create_criterion
     from trainer.models import create_model, normalization
-    from trainer.train import create_optimizer
+    from trainer.optim import create_optimizer
 
     device = trainer.device
     model = create_model(spec, trainer.num_classes).to(device)

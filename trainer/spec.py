@@ -18,7 +18,15 @@ from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from contracts.plugins import AUGMENTATIONS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS
 from trainer.loss_formula import format_loss, parse_loss
@@ -112,6 +120,10 @@ def reject_secret(value: Any) -> Any:
                     "give credentials to the workers through their environment (e.g. WANDB_API_KEY)"
                 )
     return value
+
+
+# Spec fields whose value names a plug-in: checked (and aliases resolved) against its name table.
+NAMED_CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augmentation": AUGMENTATIONS, "dataset": DATASETS}
 
 
 def _canonical_choice(field: str, value: Any, choices: tuple[str, ...]) -> Any:
@@ -345,25 +357,10 @@ class ExperimentSpec(BaseModel):
             )
         return self
 
-    @field_validator("optimizer", mode="before")
+    @field_validator(*NAMED_CHOICES, mode="before")
     @classmethod
-    def _known_optimizer(cls, value: Any) -> Any:
-        return _canonical_choice("optimizer", value, OPTIMIZERS)
-
-    @field_validator("scheduler", mode="before")
-    @classmethod
-    def _known_scheduler(cls, value: Any) -> Any:
-        return _canonical_choice("scheduler", value, SCHEDULERS)
-
-    @field_validator("augmentation", mode="before")
-    @classmethod
-    def _known_augmentation(cls, value: Any) -> Any:
-        return _canonical_choice("augmentation", value, AUGMENTATIONS)
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _known_dataset(cls, value: Any) -> Any:
-        return _canonical_choice("dataset", value, DATASETS)
+    def _known_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        return _canonical_choice(info.field_name, value, NAMED_CHOICES[info.field_name])
 
     @field_validator("resize", mode="before")
     @classmethod

@@ -1,4 +1,8 @@
-"""One way to reach Redis: REDIS_URL when set, else the embedded server under $RUNYARD_HOME."""
+"""One way to reach Redis: REDIS_URL when set, else the embedded server under $RUNYARD_HOME.
+
+Every client runyard makes comes from here: `connect` (checked, for commands), `patient_connection`
+(a worker's, riding out a restart) and `separate_client` (a thread's own pool and timeout).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,17 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from trainer.paths import runyard_home
 from worker.embedded import NO_RETRY, EmbeddedRedis, EmbeddedRedisError
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 URL_FORMS = "redis://[:PASSWORD@]HOST:PORT/DB, rediss://... for TLS, or unix://[:PASSWORD@]/path/to/redis.sock?db=DB"
+# Every Redis command of a worker (and of its work horse, which inherits the connection) retries
+# for about half a minute, so a Redis restart passes unnoticed by a job that is finishing.
+PATIENT_RETRY = Retry(ExponentialBackoff(cap=8, base=0.5), retries=7)
 
 
 class RedisUnavailable(RuntimeError):
@@ -91,6 +100,20 @@ def connect(url: str | None = None, start_embedded: bool = True) -> redis.Redis:
     # The first ping fails fast; the connection returned keeps redis-py's retries for later blips.
     check_connection(redis.Redis.from_url(url, socket_connect_timeout=5, retry=NO_RETRY), url)
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def patient_connection(url: str) -> redis.Redis:
+    """A client for `url` whose commands ride out a Redis restart (see PATIENT_RETRY)."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, retry=PATIENT_RETRY)
+
+
+def separate_client(connection: redis.Redis, socket_timeout: float, retry: Retry | None = None) -> redis.Redis:
+    """A client to the same server with its own connection pool and socket timeout (and `retry`)."""
+    pool = connection.connection_pool
+    kwargs = dict(pool.connection_kwargs) | {"socket_timeout": socket_timeout}
+    if retry is not None:
+        kwargs["retry"] = retry
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
 def check_connection(connection: redis.Redis, url: str) -> None:

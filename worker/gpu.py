@@ -28,20 +28,21 @@ GIB = 1024**3
 
 def busy_fraction() -> float:
     """The share of GPU memory others may hold before a worker waits (RUNYARD_GPU_BUSY_FRACTION)."""
-    try:
-        value = float(os.environ.get("RUNYARD_GPU_BUSY_FRACTION", DEFAULT_BUSY_FRACTION))
-    except ValueError:
-        return DEFAULT_BUSY_FRACTION
-    return min(max(value, 0.0), 1.0)
+    return _bounded_setting("RUNYARD_GPU_BUSY_FRACTION", DEFAULT_BUSY_FRACTION, 0.0, 1.0)
 
 
 def poll_seconds() -> float:
     """Seconds between NVML checks while the GPU is busy (RUNYARD_GPU_POLL_SECONDS, default 30)."""
+    return _bounded_setting("RUNYARD_GPU_POLL_SECONDS", POLL_SECONDS, 0.5, 3600.0)
+
+
+def _bounded_setting(variable: str, default: float, low: float, high: float) -> float:
+    """The number in environment `variable`, kept within [low, high]; `default` when unset or not a number."""
     try:
-        value = float(os.environ.get("RUNYARD_GPU_POLL_SECONDS", POLL_SECONDS))
+        value = float(os.environ.get(variable, default))
     except ValueError:
-        return POLL_SECONDS
-    return min(max(value, 0.5), 3600.0)
+        return default
+    return min(max(value, low), high)
 
 
 def pinned_gpu() -> int | None:

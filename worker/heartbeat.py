@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.retry import Retry
 
 from contracts.keys import WORKERS_KEY, heartbeat_key
+from worker.connection import separate_client  # noqa: F401  (worker.control imports it from here)
 
 # A field runyard workers add to RQ's own worker hash: judge this one by its runyard heartbeat.
 RUNYARD_MARK = "runyard_heartbeat"
@@ -31,15 +31,6 @@ RUNYARD_MARK = "runyard_heartbeat"
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 log = logging.getLogger("runyard.heartbeat")
-
-
-def separate_client(connection: redis.Redis, socket_timeout: float, retry: Retry | None = None) -> redis.Redis:
-    """A client to the same server with its own connection pool and socket timeout (and `retry`)."""
-    pool = connection.connection_pool
-    kwargs = dict(pool.connection_kwargs) | {"socket_timeout": socket_timeout}
-    if retry is not None:
-        kwargs["retry"] = retry
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
 def heartbeat_ttl() -> int:

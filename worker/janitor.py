@@ -38,7 +38,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, parse_composite_key
 
-from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure
+from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure, update_job_meta
 from contracts.keys import JANITOR_LEASE_KEY, WORKERS_KEY, heartbeat_key, requeue_counter_key
 from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
@@ -185,93 +185,129 @@ def requeue_job(
     reason `crashed` instead). With `dead_worker`, nothing happens if that worker beats again
     before EXEC. Returns None when another janitor (or the job's own worker) got there first.
     """
-    composite = f"{job_id}:{execution_id}"
-    wip_key = StartedJobRegistry(queue_name, connection=connection).key
     watched = [Job.key_for(job_id), requeue_counter_key(job_id)]
     if dead_worker:
         watched.append(heartbeat_key(dead_worker))
     with connection.pipeline() as pipeline:
         try:
             pipeline.watch(*watched)
-            if pipeline.zscore(wip_key, composite) is None:
-                return None  # already handled
-            if dead_worker and pipeline.exists(heartbeat_key(dead_worker)):
-                return None  # it is alive after all
-            try:
-                job = AllowListedJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
-            except RefusedPayload as error:
-                pipeline.reset()
-                quarantine(connection, job_id, str(error), queue_name)
-                return Requeued(job_id, None, queue_name, dead_worker or "", "quarantined", 0, str(error))
-            except Exception:
-                job = None
-            execution = Execution(execution_id, job_id, connection)
-            worker = pipeline.hget(execution.key, "worker_name")
-            execution.worker_name = worker.decode() if worker else ""
-            status = job.get_status(refresh=False) if job is not None else None
-            # A FairShareQueue: the requeue also puts the job in its owner index (worker.queue_index).
-            queue = (
-                FairShareQueue(job.origin, connection=connection, serializer=JSONSerializer)
-                if job is not None
-                else None
-            )
-            queued_already = status == JobStatus.QUEUED and pipeline.lpos(queue.key, job_id) is not None
-            if status not in (JobStatus.STARTED, JobStatus.QUEUED) or queued_already:
-                # The job ended, vanished or is queued again: only its registry entry was left behind.
-                pipeline.multi()
-                pipeline.zrem(wip_key, composite)
-                pipeline.execute()
-                return None
-            requeues = int(pipeline.get(requeue_counter_key(job_id)) or 0) + (1 if count else 0)
-            meta = read_job_meta(job.meta, job_id)
-            limit = DEFAULT_MAX_REQUEUES if meta.max_requeues is None else meta.max_requeues
-            give_up = count and requeues > limit
-            queue.get_redis_server_version()  # a read: done before MULTI buffers everything
-            entry = {"at": time.time(), "by": by, "worker": dead_worker or execution.worker_name, "reason": reason}
-            job.meta["requeues"] = requeues
-            job.meta["requeue_log"] = [*(meta.requeue_log or []), entry | {"counted": count}][-REQUEUE_LOG_LENGTH:]
-
-            pipeline.multi()
-            execution.delete(job=job, pipeline=pipeline)
-            if give_up:
-                set_failure(
-                    job.meta,
-                    "crashed",
-                    f"{reason}; {requeues} crashes, more than its max_requeues of {limit} (publish --max-requeues)",
-                )
-                job.ended_at = now()
-                pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
-                record_job_failure(job, f"crashed: {job.meta['failure_message']}", pipeline)
-            else:
-                job.started_at = None
-                job.ended_at = None
-                # RQ's own requeue paths (Job.retry, registry cleanup) enqueue through this method
-                # too; it only buffers writes, so it joins this transaction.
-                queue._enqueue_job(job, pipeline=pipeline, at_front=True)
-            if count:
-                pipeline.set(requeue_counter_key(job_id), requeues, ex=COUNTER_TTL_S)
-            pipeline.execute()
+            found = _still_abandoned(connection, pipeline, job_id, queue_name, execution_id, dead_worker)
+            if not isinstance(found, tuple):
+                return found  # None (nothing to do) or a quarantine
+            job, execution = found
+            outcome, limit = _requeue_or_fail(pipeline, job, execution, queue_name, reason, by, count, dead_worker)
         except redis.WatchError:
             return None
-    outcome = Requeued(
-        job_id,
-        read_job_meta(job.meta, job_id).run_name,
-        queue_name,
-        entry["worker"],
-        "failed" if give_up else "requeued",
-        requeues,
-        reason,
-    )
+    _log_outcome(outcome, count, limit)
+    return outcome
+
+
+def _still_abandoned(
+    connection: redis.Redis,
+    pipeline: redis.client.Pipeline,
+    job_id: str,
+    queue_name: str,
+    execution_id: str,
+    dead_worker: str | None,
+) -> tuple[Job, Execution] | Requeued | None:
+    """The job and its execution, read under WATCH, if the job still waits for a requeue.
+
+    None when it does not (handled already, its worker beats again, or it ended: then its stale
+    registry entry is removed); a `quarantined` outcome when its record cannot be read.
+    """
+    composite = f"{job_id}:{execution_id}"
+    wip_key = StartedJobRegistry(queue_name, connection=connection).key
+    if pipeline.zscore(wip_key, composite) is None:
+        return None  # already handled
+    if dead_worker and pipeline.exists(heartbeat_key(dead_worker)):
+        return None  # it is alive after all
+    try:
+        job = AllowListedJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except RefusedPayload as error:
+        pipeline.reset()
+        quarantine(connection, job_id, str(error), queue_name)
+        return Requeued(job_id, None, queue_name, dead_worker or "", "quarantined", 0, str(error))
+    except Exception:
+        job = None
+    execution = Execution(execution_id, job_id, connection)
+    worker = pipeline.hget(execution.key, "worker_name")
+    execution.worker_name = worker.decode() if worker else ""
+    status = job.get_status(refresh=False) if job is not None else None
+    queued_already = status == JobStatus.QUEUED and pipeline.lpos(_queue_of(job).key, job_id) is not None
+    if status not in (JobStatus.STARTED, JobStatus.QUEUED) or queued_already:
+        # The job ended, vanished or is queued again: only its registry entry was left behind.
+        pipeline.multi()
+        pipeline.zrem(wip_key, composite)
+        pipeline.execute()
+        return None
+    return job, execution
+
+
+def _queue_of(job: Job) -> Queue:
+    """The queue `job` came from (and goes back to), on the connection it was fetched with."""
+    # A FairShareQueue: the requeue also puts the job in its owner index (worker.queue_index).
+    return FairShareQueue(job.origin, connection=job.connection, serializer=JSONSerializer)
+
+
+def _requeue_or_fail(
+    pipeline: redis.client.Pipeline,
+    job: Job,
+    execution: Execution,
+    queue_name: str,
+    reason: str,
+    by: str,
+    count: bool,
+    dead_worker: str | None,
+) -> tuple[Requeued, int]:
+    """Requeue `job` at the front of its queue, or fail it as `crashed` past its max_requeues (MULTI, EXEC).
+
+    Returns what was done and the job's max_requeues.
+    """
+    requeues = int(pipeline.get(requeue_counter_key(job.id)) or 0) + (1 if count else 0)
+    meta = read_job_meta(job.meta, job.id)
+    limit = DEFAULT_MAX_REQUEUES if meta.max_requeues is None else meta.max_requeues
+    give_up = count and requeues > limit
+    queue = _queue_of(job)
+    queue.get_redis_server_version()  # a read: done before MULTI buffers everything
+    entry = {"at": time.time(), "by": by, "worker": dead_worker or execution.worker_name, "reason": reason}
+    log_entries = [*(meta.requeue_log or []), entry | {"counted": count}][-REQUEUE_LOG_LENGTH:]
+    update_job_meta(job.meta, requeues=requeues, requeue_log=log_entries)
+
+    pipeline.multi()
+    execution.delete(job=job, pipeline=pipeline)
+    if give_up:
+        _fail_as_crashed(pipeline, job, f"{reason}; {requeues} crashes, more than its max_requeues of {limit}")
+    else:
+        job.started_at = None
+        job.ended_at = None
+        # RQ's own requeue paths (Job.retry, registry cleanup) enqueue through this method too;
+        # it only buffers writes, so it joins this transaction.
+        queue._enqueue_job(job, pipeline=pipeline, at_front=True)
+    if count:
+        pipeline.set(requeue_counter_key(job.id), requeues, ex=COUNTER_TTL_S)
+    pipeline.execute()
+    action = "failed" if give_up else "requeued"
+    return Requeued(job.id, meta.run_name, queue_name, entry["worker"], action, requeues, reason), limit
+
+
+def _fail_as_crashed(pipeline: redis.client.Pipeline, job: Job, message: str) -> None:
+    """Buffer (after MULTI) the writes that end `job` as failed with reason `crashed`."""
+    set_failure(job.meta, "crashed", f"{message} (publish --max-requeues)")
+    job.ended_at = now()
+    pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
+    record_job_failure(job, f"crashed: {job.meta['failure_message']}", pipeline)
+
+
+def _log_outcome(outcome: Requeued, count: bool, limit: int) -> None:
     log.warning(
         "%s job %s (%s) of worker %s: %s%s",
-        "failed" if give_up else "requeued",
-        job_id,
+        outcome.action,
+        outcome.job_id,
         outcome.run_name or "-",
         outcome.worker or "?",
-        reason,
-        f" [crash {requeues}/{limit}]" if count else "",
+        outcome.reason,
+        f" [crash {outcome.requeues}/{limit}]" if count else "",
     )
-    return outcome
 
 
 def requeue_abandoned(connection: redis.Redis, by: str, dead_names: frozenset[str] = frozenset()) -> list[Requeued]:

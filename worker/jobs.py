@@ -86,32 +86,10 @@ def run_experiment(
     (status `paused`, see worker.asha), and its record joins the search's.
     """
     job = get_current_job()
-    trial = None
-    try:
-        trial = open_search_trial(job, search)
-        experiment = load_spec(trial.complete_spec(spec) if trial else spec)
-    except SpecError as error:
-        _mark_failure(job, "spec_error", str(error), retry=False, trial=trial)
-        raise
-    search_name = (search or {}).get("name")
-    stopped = search_stopped(job.connection, search_name) if job is not None and search_name else None
-    if stopped is not None:
-        _mark_failure(job, "search_stopped", stopped["reason"], retry=False, trial=trial)
-        raise SearchStopped(f"search {search_name} {stopped['reason']}")
-
-    from trainer.data import DataError
-    from trainer.oom import is_out_of_memory
-    from trainer.store import StoreError
+    trial, experiment = _load_experiment(job, spec, search)
     from trainer.train import train
 
-    context, code = with_worker_code(context, job)
-    if trial is not None:
-        context["search"] = trial.payload.name  # the run store groups a search's runs by it
-    if job is not None:
-        job.meta["code"] = code
-        if trial is not None and trial.payload.asha is not None:
-            _start_rung(job, trial)
-        job.save_meta()
+    context, code = _start_job(job, trial, context)
     progress = JobProgress(job, trial)
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
@@ -132,56 +110,106 @@ def run_experiment(
             progress.close()  # the last epoch's report lands before any write below
     except TrainingInterrupted as stop:
         return _stopped(job, stop, trial)
-    except DataError as error:
-        _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
-        if (
-            job is not None
-            and search_name
-            and record_data_error(job.connection, search_name, str(error), job.description)
-        ):
-            cancelled = cancel_waiting_points(job.connection, search_name)
-            log.warning(
-                "search %s stopped after repeated data errors; %d queued points cancelled", search_name, cancelled
-            )
-        raise
-    except StoreError as error:
-        _mark_failure(job, "store_error", str(error), retry=False, trial=trial)
-        raise
     except Exception as error:
-        if is_out_of_memory(error):
-            message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
-            _mark_failure(job, "oom", message, retry=False, trial=trial)
-            raise OutOfMemory(str(error)) from error
-        problem = storage_problem(error, str(runs_root(experiment.output_dir)))
-        if problem is not None:
-            _mark_failure(job, "storage_error", problem, retry=False, trial=trial)
-            raise StorageFailure(problem) from error
-        _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
+        _record_failure(job, trial, experiment, (search or {}).get("name"), error)
         raise
     if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports
         raise JobLost(f"job {job.id} was requeued while this worker trained it")
+    return _finish(job, trial, experiment, context, code, result)
 
+
+def _load_experiment(
+    job: Job | None, spec: dict[str, Any], search: dict[str, Any] | None
+) -> tuple[SearchTrial | None, ExperimentSpec]:
+    """The search point's trial (None outside a search) and the checked spec; refuses a stopped search."""
+    trial = None
+    try:
+        trial = open_search_trial(job, search)
+        experiment = load_spec(trial.complete_spec(spec) if trial else spec)
+    except SpecError as error:
+        _mark_failure(job, "spec_error", str(error), retry=False, trial=trial)
+        raise
+    search_name = (search or {}).get("name")
+    stopped = search_stopped(job.connection, search_name) if job is not None and search_name else None
+    if stopped is not None:
+        _mark_failure(job, "search_stopped", stopped["reason"], retry=False, trial=trial)
+        raise SearchStopped(f"search {search_name} {stopped['reason']}")
+    return trial, experiment
+
+
+def _start_job(
+    job: Job | None, trial: SearchTrial | None, context: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's context (with this worker's code) and the code comparison, also saved in the job's meta."""
+    context, code = with_worker_code(context, job)
+    if trial is not None:
+        context["search"] = trial.payload.name  # the run store groups a search's runs by it
+    if job is not None:
+        update_job_meta(job.meta, code=code)
+        if trial is not None and trial.payload.asha is not None:
+            _start_rung(job, trial)
+        job.save_meta()
+    return context, code
+
+
+def _record_failure(
+    job: Job | None, trial: SearchTrial | None, experiment: ExperimentSpec, search_name: str | None, error: Exception
+) -> None:
+    """Say in the job's meta why training failed; raises the runyard error that names it, if there is one."""
+    from trainer.data import DataError
+    from trainer.oom import is_out_of_memory
+    from trainer.store import StoreError
+
+    if isinstance(error, DataError):
+        _mark_failure(job, "data_error", str(error), retry=False, trial=trial)
+        if job is not None and search_name:
+            _count_data_error(job, search_name, str(error))
+        return
+    if isinstance(error, StoreError):
+        _mark_failure(job, "store_error", str(error), retry=False, trial=trial)
+        return
+    if is_out_of_memory(error):
+        message = f"{error}; the batch cannot be halved further (min_batch_size {experiment.min_batch_size})"
+        _mark_failure(job, "oom", message, retry=False, trial=trial)
+        raise OutOfMemory(str(error)) from error
+    problem = storage_problem(error, str(runs_root(experiment.output_dir)))
+    if problem is not None:
+        _mark_failure(job, "storage_error", problem, retry=False, trial=trial)
+        raise StorageFailure(problem) from error
+    _mark_failure(job, "code_error", f"{type(error).__name__}: {error}", retry=True, trial=trial)
+
+
+def _finish(
+    job: Job | None,
+    trial: SearchTrial | None,
+    experiment: ExperimentSpec,
+    context: dict[str, Any],
+    code: dict[str, Any],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Complete a trained run's result, record the run (leaderboard, search) and report an ASHA rung."""
     result["status"] = trial.finish(result) if trial else "finished"
     result["job_id"] = job.id if job else None
     result["worker"] = {"host": socket.gethostname(), "name": job.worker_name if job else None}
     result["code"] = code
-    if job is not None:
-        summary = {
-            "loss": experiment.loss,
-            "optimizer": experiment.optimizer,
-            "lr": experiment.lr,
-            "batch_size": experiment.batch_size,
-            "epochs": experiment.epochs,
-            "finished_at": time.time(),
-            "context": context or {},
-        } | result  # the result's batch_size is the one trained with, after any out-of-memory retry
-        if trial is not None:
-            summary |= trial.summary_fields(result["status"])
-        job.meta["status"] = result["status"]
-        job.save_meta()
-        record_run(job.connection, summary)
-        if trial is not None and trial.payload.asha is not None:
-            _report_rung(job, trial, result["run_name"])
+    if job is None:
+        return result
+    summary = {
+        "loss": experiment.loss,
+        "optimizer": experiment.optimizer,
+        "lr": experiment.lr,
+        "batch_size": experiment.batch_size,
+        "epochs": experiment.epochs,
+        "finished_at": time.time(),
+        "context": context or {},
+    } | result  # the result's batch_size is the one trained with, after any out-of-memory retry
+    if trial is not None:
+        summary |= trial.summary_fields(result["status"])
+    update_job_meta(job.meta, status=result["status"])
+    job.save_meta()
+    record_run(job.connection, summary)
+    if trial is not None and trial.payload.asha is not None:
+        _report_rung(job, trial, result["run_name"])
     return result
 
 
@@ -189,7 +217,7 @@ def _count_data_error(job: Job, search_name: str, message: str) -> None:
     """The search stops (its waiting points cancelled) when this is its Nth identical data error."""
     if record_data_error(job.connection, search_name, message, job.description):
         cancelled = cancel_waiting_points(job.connection, search_name)
-        log.warning("search %s stopped after repeated data errors; %d waiting points cancelled", search_name, cancelled)
+        log.warning("search %s stopped after repeated data errors; %d queued points cancelled", search_name, cancelled)
 
 
 def _start_rung(job: Job, trial: SearchTrial) -> None:
@@ -214,8 +242,8 @@ def _stopped(job: Job | None, stop: TrainingInterrupted, trial: SearchTrial | No
     if stop.reason == SHUTDOWN:
         log.info("job %s: worker shutting down; requeued to resume after epoch %d", job.id if job else "-", stop.epoch)
         if job is not None:
-            job.meta["shutdowns"] = int(job.meta.get("shutdowns", 0)) + 1
-            job.meta["shutdown_after_epoch"] = stop.epoch
+            shutdowns = int(job.meta.get("shutdowns", 0)) + 1
+            update_job_meta(job.meta, shutdowns=shutdowns, shutdown_after_epoch=stop.epoch)
         return Retry(max=SHUTDOWN_REQUEUES, enqueue_at_front=True)
     if stop.reason == PREEMPTED:
         if job is not None:
@@ -293,29 +321,28 @@ class JobProgress:
             self.trial.resumed(info.history)
         if self.job is None:
             return
-        self.job.meta["attempts"] = int(self.job.meta.get("attempts", 0)) + 1
-        self.job.meta["resumed_from_epoch"] = info.start_epoch
+        meta = self.job.meta
+        update_job_meta(meta, attempts=int(meta.get("attempts", 0)) + 1, resumed_from_epoch=info.start_epoch)
         if info.fallbacks:
-            self.job.meta["checkpoint_fallback"] = info.fallbacks
+            update_job_meta(meta, checkpoint_fallback=info.fallbacks)
         if info.start_epoch:
-            self.job.meta["resume_note"] = f"resumed after epoch {info.start_epoch} from {info.checkpoint}"
+            update_job_meta(meta, resume_note=f"resumed after epoch {info.start_epoch} from {info.checkpoint}")
         elif info.fallbacks:
-            self.job.meta["resume_note"] = "restarted from epoch 0: " + "; ".join(info.fallbacks)
-        elif self.job.meta.get("history"):
+            update_job_meta(meta, resume_note="restarted from epoch 0: " + "; ".join(info.fallbacks))
+        elif meta.get("history"):
             # An earlier attempt trained epochs, but their checkpoint is not on this box's filesystem.
-            self.job.meta["resume_note"] = (
+            note = (
                 f"restarted from epoch 0 on {socket.gethostname()}: the checkpoint of epoch "
-                f"{self.job.meta['history'][-1]['epoch']} is not reachable here (set RUNYARD_STORE on every "
+                f"{meta['history'][-1]['epoch']} is not reachable here (set RUNYARD_STORE on every "
                 "box to a shared path or s3://BUCKET/PREFIX to resume anywhere)"
             )
-            log.warning("job %s: %s", self.job.id, self.job.meta["resume_note"])  # not only in the meta
+            update_job_meta(meta, resume_note=note)
+            log.warning("job %s: %s", self.job.id, note)  # not only in the meta
         self.history = [self._row(report) for report in info.history]
-        self.job.meta["history"] = self.history
+        update_job_meta(meta, history=self.history)
         if info.adjustments:
-            self.job.meta["oom_adjustments"] = info.adjustments
-            self.job.meta["batch_adjustment"] = {
-                key: value for adjustment in info.adjustments for key, value in adjustment["to"].items()
-            }
+            batch = {key: value for adjustment in info.adjustments for key, value in adjustment["to"].items()}
+            update_job_meta(meta, oom_adjustments=info.adjustments, batch_adjustment=batch)
         self._save()
 
     def on_epoch(self, report) -> bool:
@@ -323,10 +350,13 @@ class JobProgress:
         if self.job is None:
             return stop
         self.history = [row for row in self.history if row["epoch"] < report.epoch] + [self._row(report)]
-        self.job.meta["progress"] = asdict(report)
-        self.job.meta["history"] = self.history
-        self.job.meta["checkpoint_at"] = time.time()  # the trainer saved this epoch's checkpoint (preemption)
-        self.job.meta["artifacts_pending"] = getattr(report, "store_pending", 0)
+        update_job_meta(
+            self.job.meta,
+            progress=asdict(report),
+            history=self.history,
+            checkpoint_at=time.time(),  # the trainer saved this epoch's checkpoint (preemption)
+            artifacts_pending=getattr(report, "store_pending", 0),
+        )
         self._save()
         return stop
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from rq.job import Job
 
+from worker.connection import separate_client
 from worker.embedded import NO_RETRY
-from worker.heartbeat import REDIS_ERRORS, separate_client
+from worker.heartbeat import REDIS_ERRORS
 
 # One quick try per write: a failed write is retried by the thread, not by redis-py.
 WRITE_TIMEOUT_S = 3.0

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rq.job import Job
 
+from contracts.job_meta import update_job_meta
 from contracts.plugins import PrunerName
 from trainer.spec import SpecError, format_validation_error
 from worker.asha import AshaSettings
@@ -201,12 +202,12 @@ class SearchTrial:
                 self.trial.set_user_attr("point", self.payload.point)
                 if self.job is not None:
                     self.trial.set_user_attr("run_name", self.job.meta.get("run_name"))
-                    self.job.meta["trial_number"] = self.trial.number
+                    update_job_meta(self.job.meta, trial_number=self.trial.number)
                     self.job.save_meta()
         if settings.bayes is not None:
             self.params = self._decode(self.trial.params, settings.bayes)
             if self.job is not None:
-                self.job.meta["params"] = self.params
+                update_job_meta(self.job.meta, params=self.params)
                 self.job.save_meta()
 
     def _existing_trial(self, storage, number: int):

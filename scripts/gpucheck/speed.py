@@ -74,7 +74,7 @@ def measure_variants(ctx: Context, variants: dict[str, Any], steps: int) -> dict
             model_bound = throughput.measure_model_bound(trainer, steps)
             first_steps = time.perf_counter() - started
             trainer.fit()
-            last = trainer.history[-1]
+            last = trainer.progress.history[-1]
             measured[name] = {
                 "model_bound_img_s": round(model_bound, 1),
                 "trainer_epoch_2_img_s": round(throughput.usable_images(trainer) / last.train_seconds, 1),
