@@ -10,7 +10,7 @@ BIN = $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[train,dashboard,dev]"
+	$(BIN)/pip install --quiet -e ".[train,search,dashboard,dev]"
 	touch $@
 
 demo: $(VENV)/.installed

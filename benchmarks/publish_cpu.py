@@ -3,7 +3,8 @@
 Publishes an lr x seed grid (benchmarks/scale.py's) to a private redis-server, in this process,
 and prints the CPU seconds of load_search, of the claim script calls and of the chunks' job
 writes, the process's peak RSS, and the RQ floor: as many jobs enqueued with a prepared payload
-through Queue.prepare_data + enqueue_many (what any RQ publisher pays per job, runyard aside).
+through Queue.prepare_data + enqueue_many (what RQ's per-job API costs; publisher.job_batch
+writes the same job hashes without it). `hiredis` in the output says whether redis-py had it.
 Run it in the tree to measure (`cd TREE && PYTHONPATH=$PWD python benchmarks/publish_cpu.py`).
 """
 

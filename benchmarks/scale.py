@@ -13,7 +13,8 @@ heartbeat settings) for a window; commands per second from INFO commandstats del
 of a*W + b*W^2 through them to model 100 and 400 workers.
 
 Each step runs the CLI in a subprocess with PYTHONPATH set to a code tree: `--before TREE` (e.g.
-a `git worktree add --detach /tmp/main-wt main`) runs main's code side by side with this tree's.
+a `git worktree add --detach /tmp/main-wt main`) runs main's code side by side with this tree's,
+and the report starts with both trees' publishing figures in one table.
 
     python benchmarks/scale.py --sizes 10000,50000,100000 --fleet 1,4,8,16 --before /tmp/main-wt
     python benchmarks/scale.py --sizes 2000 --fleet 1,2 --window 15        # a quick look
@@ -347,8 +348,32 @@ def main() -> int:
     return 0
 
 
+def side_by_side(results: dict[str, Any]) -> list[str]:
+    """Publishing at each size measured in both trees: CPU, peak RSS and the longest Redis command, before | after."""
+    trees = results["trees"]
+    if not {"before", "after"} <= set(trees):
+        return []
+    before = {row["points"]: row for row in trees["before"]["sizes"]}
+    lines = [
+        "== publishing, before | after",
+        "| points | the call: CPU s | wall s | publisher peak MB | slowlog max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in trees["after"]["sizes"]:
+        old = before.get(row["points"])
+        if old is None:
+            continue
+        figures = [
+            f"{old[key]} / {row[key]}"
+            for key in ("publish_call_cpu_s", "publish_call_wall_s", "publish_peak_mb", "publish_slowlog_max_ms")
+        ]
+        lines.append(f"| {row['points']:,} | " + " | ".join(figures) + " |")
+    return lines
+
+
 def report_text(results: dict[str, Any]) -> str:
     lines = [f"machine {results['machine']}, load average {results['load_average']} -> {results['load_average_after']}"]
+    lines += side_by_side(results)
     for label, found in results["trees"].items():
         lines.append(f"== {label}")
         lines.append(

@@ -29,9 +29,14 @@ OWNER_ENV = "RUNYARD_USER"  # who a job belongs to for fair share and quotas, wh
 
 def rq_queue_name(spec: ExperimentSpec) -> str:
     """The RQ queue a spec goes to: `default` -> high/default/low by priority, `pool` -> pool-high/pool/pool-low."""
-    if spec.priority == "normal":
-        return spec.queue
-    return spec.priority if spec.queue == "default" else f"{spec.queue}-{spec.priority}"
+    return queue_for(spec.queue, spec.priority)
+
+
+def queue_for(queue_name: str, priority: str) -> str:
+    """rq_queue_name of a spec's `queue` and `priority` fields (as a spec payload carries them)."""
+    if priority == "normal":
+        return queue_name
+    return priority if queue_name == "default" else f"{queue_name}-{priority}"
 
 
 def queue(connection: redis.Redis, name: str) -> Queue:

@@ -104,7 +104,7 @@ def schedule_search_command(
 
 
 def _warn_missing_data(search: Search) -> None:
-    for data_dir in sorted({point.spec.data_dir for point in search.points}):
+    for data_dir in sorted(search.points.data_dirs):
         if not Path(data_dir).expanduser().exists():
             click.echo(
                 f"warning: data_dir {data_dir} does not exist on this box; the workers must see it there", err=True

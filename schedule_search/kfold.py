@@ -20,9 +20,9 @@ def aggregate_id(spec: ExperimentSpec) -> str:
 
 def fan_out(point: Point, group_is_default: bool) -> list[Point]:
     """The point itself when k = 1; else its K folds followed by their aggregate."""
-    spec = point.spec
-    if spec.kfold.k <= 1:
+    if point.payload["kfold"]["k"] <= 1:
         return [point]
+    spec = point.spec
     set_name = point.run_name
     payload = spec.to_payload()
     if group_is_default:
@@ -35,7 +35,7 @@ def fan_out(point: Point, group_is_default: bool) -> list[Point]:
             replace(
                 point,
                 id=fold_spec.spec_hash(),
-                spec=fold_spec,
+                payload=fold_spec.to_payload(),
                 run_name=f"{set_name}-fold{fold}",
                 kind="fold",
                 kfold_set=set_name,
@@ -45,7 +45,7 @@ def fan_out(point: Point, group_is_default: bool) -> list[Point]:
     aggregate = replace(
         point,
         id=aggregate_id(set_spec),
-        spec=set_spec,
+        payload=set_spec.to_payload(),
         kind="aggregate",
         depends_on=[fold.id for fold in folds],
     )

@@ -1,12 +1,18 @@
-"""A point of a search: one job to run exactly once, identified within its search by `id`."""
+"""A point of a search (one job to run exactly once), and a search's points as a stream.
+
+A search of 100,000 points never holds them all: `SearchPoints` makes them again on each pass
+from the method's generator (a grid's product, a random search's seeded draws), so publishing
+holds one chunk of points and jobs at a time.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from publisher.options import merge
-from schedule_search.config import SearchError, nest, prefixed
+from schedule_search.config import SearchError, prefixed
+from schedule_search.point_specs import PointSpecs
 from trainer.spec import NON_RESULT_FIELDS, ExperimentSpec, SpecError, load_spec
 
 REPORTED_ERRORS = 5  # bad points listed in one error; the rest are counted
@@ -25,55 +31,104 @@ class Point:
     id: str
     index: int  # 1-based position in the search, for run names and tables
     params: dict[str, Any]  # the searched values, by dotted spec field name
-    spec: ExperimentSpec  # a bayes trial carries the shared fields; the worker adds the sampled ones
+    payload: dict[str, Any]  # the validated spec's JSON dump; a bayes trial's has the shared fields only
     run_name: str  # the name to reserve; `-2`, `-3` are appended when a failed point runs again
     kind: PointKind = "run"
     kfold_set: str | None = None
     fold: int | None = None
     depends_on: list[str] = field(default_factory=list)  # point ids (an aggregate's folds)
 
+    @property
+    def spec(self) -> ExperimentSpec:
+        """The point's spec, validated again from its payload (publishing reads the payload)."""
+        return load_spec(self.payload)
 
-def validated_points(
-    name: str,
-    base: dict[str, Any],
-    combos: list[dict[str, Any]],
-    source: str,
-    duplicates_are_errors: bool,
-    first_index: int = 1,
-) -> list[Point]:
-    """A Point per params dict, each spec validated; SearchError lists the first few bad points."""
-    width = max(3, len(str(first_index + len(combos) - 1)))
-    points, errors, failed = [], [], 0
-    by_hash: dict[str, Point] = {}
-    for offset, params in enumerate(combos):
-        index = first_index + offset
-        run_name = f"{name}-{index:0{width}d}"
-        try:
-            spec = load_spec(merge(base, nest(params)) | {"run_name": run_name})
-        except SpecError as error:
-            failed += 1
-            if len(errors) < REPORTED_ERRORS:
-                errors.append(prefixed(f"{source}: point {index} ({describe_params(params)}): ", str(error)))
-            continue
-        point = Point(spec.spec_hash(), index, params, spec, run_name)
-        twin = by_hash.get(point.id)
-        if twin is not None and duplicates_are_errors:
-            changed = sorted(key for key in params if key.split(".")[0] in NON_RESULT_FIELDS)
-            raise SearchError(
-                f"{source}: points {twin.index} and {index} train the same experiment"
-                + (
-                    f" (they differ only in {', '.join(changed)}, which do not change what is trained)"
-                    if changed
-                    else ""
-                )
-                + ": drop the duplicate values"
-            )
-        by_hash[point.id] = point
-        points.append(point)
-    if errors:
-        more = f"\n{source}: ... and {failed - len(errors)} more points fail" if failed > len(errors) else ""
-        raise SearchError("\n".join(errors) + more)
-    return points
+
+# A method's point generator: make(check) yields every point; with check=True it also refuses
+# bad and duplicate points (SearchError) and says what the user should know (warnings).
+PointMaker = Callable[[bool], Iterator[Point]]
+
+
+class SearchPoints:
+    """Every point of a search, made again on each iteration and never all held at once.
+
+    `check()` makes them once, validating each and noting what a search needs to know about all of
+    them (how many, their data dirs and epochs, whether any is a k-fold set); iterating again makes
+    the same points without the checks.
+    """
+
+    def __init__(self, make: PointMaker) -> None:
+        self._make = make
+        self.count: int | None = None
+        self.data_dirs: set[str] = set()
+        self.epochs: set[int] = set()
+        self.kfold_sets = False
+
+    def check(self) -> SearchPoints:
+        """Make every point once (SearchError names the bad ones); return self."""
+        count = 0
+        for point in self._make(True):
+            count += 1
+            self.data_dirs.add(point.payload["data_dir"])
+            self.epochs.add(point.payload["epochs"])
+            self.kfold_sets = self.kfold_sets or point.kind in ("fold", "aggregate")
+        self.count = count
+        return self
+
+    def expanded(self, expand: Callable[[Point], list[Point]]) -> SearchPoints:
+        """These points with each replaced by `expand(point)` (a k-fold set's folds and aggregate)."""
+        return SearchPoints(lambda check: (each for point in self._make(check) for each in expand(point)))
+
+    def __iter__(self) -> Iterator[Point]:
+        return self._make(False)
+
+    def __len__(self) -> int:
+        if self.count is None:
+            raise TypeError("the points are counted by check()")
+        return self.count
+
+
+def combination_points(
+    name: str, combos: Callable[[], Iterator[dict[str, Any]]], total: int, source: str, specs: PointSpecs
+) -> PointMaker:
+    """A grid's point maker: a Point per params dict of `combos()`, its spec from `specs` (PointSpecs).
+
+    Checking lists the first few bad points (SearchError) and refuses two points that train the
+    same experiment.
+    """
+    width = max(3, len(str(total)))
+
+    def make(check: bool) -> Iterator[Point]:
+        errors, failed = [], 0
+        first_index: dict[str, int] = {}  # point id -> index, while checking
+        for index, params in enumerate(combos(), 1):
+            run_name = f"{name}-{index:0{width}d}"
+            try:
+                payload, point_id = specs.payload(params, run_name)
+            except SpecError as error:
+                failed += 1
+                if len(errors) < REPORTED_ERRORS:
+                    errors.append(prefixed(f"{source}: point {index} ({describe_params(params)}): ", str(error)))
+                continue
+            if check:
+                twin = first_index.setdefault(point_id, index)
+                if twin != index:
+                    raise SearchError(duplicate_message(source, twin, index, params))
+            yield Point(point_id, index, params, payload, run_name)
+        if errors:
+            more = f"\n{source}: ... and {failed - len(errors)} more points fail" if failed > len(errors) else ""
+            raise SearchError("\n".join(errors) + more)
+
+    return make
+
+
+def duplicate_message(source: str, twin: int, index: int, params: dict[str, Any]) -> str:
+    changed = sorted(key for key in params if key.split(".")[0] in NON_RESULT_FIELDS)
+    return (
+        f"{source}: points {twin} and {index} train the same experiment"
+        + (f" (they differ only in {', '.join(changed)}, which do not change what is trained)" if changed else "")
+        + ": drop the duplicate values"
+    )
 
 
 def describe_params(params: dict[str, Any]) -> str:

@@ -11,10 +11,11 @@ script call, then one transaction for the chunk's runs), then the k-fold aggrega
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,16 @@ from rq.job import Dependency, Job
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
-from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, job_options, publish_context, queue, rq_queue_name
+from publisher.job_batch import JobBatch, json_bytes
+from publisher.queue import (
+    DEFAULT_RETRIES,
+    JOB_TIMEOUT_S,
+    job_options,
+    publish_context,
+    queue,
+    queue_for,
+    rq_queue_name,
+)
 from publisher.run_index import index_run_jobs
 from schedule_search.methods import keeps_space
 from schedule_search.points import Point
@@ -33,7 +43,7 @@ from trainer.spec import ExperimentSpec
 from worker.asha import recover_promotions
 from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
-from worker.results import get_search
+from worker.results import RESERVE_RUN_NAME_LUA, get_search
 from worker.search_stop import clear_stop
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
@@ -43,8 +53,13 @@ CLAIM_GRACE_S = 120
 CHUNK = 500
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
-# (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON}.
-CLAIM_SCRIPT = """
+# (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON} per
+# point, or {point id, outcome, false, reserved run name} for a point claimed now (the caller has
+# the rest of its claim: no JSON to send back and parse per new point).
+# Run names are reserved the way `publish` reserves them: worker.results.RESERVE_RUN_NAME_LUA.
+CLAIM_SCRIPT = (
+    RESERVE_RUN_NAME_LUA
+    + """
 local points, names = KEYS[1], KEYS[2]
 local grace, dry = tonumber(ARGV[1]), ARGV[2] == '1'
 local job_prefix, run_prefix = ARGV[3], ARGV[4]
@@ -72,19 +87,17 @@ for i = 5, #ARGV, 4 do
     end
   end
   if (outcome == 'new' or string.sub(outcome, 1, 6) == 'retry:') and not dry then
-    local name, suffix = run_name, 1
-    while redis.call('SADD', names, name) == 0 do
-      suffix = suffix + 1
-      name = run_name .. '-' .. suffix
-    end
-    claim = '{"job_id":"' .. job_id .. '","run_name":"' .. name .. '","claimed_at":'
-      .. string.format('%.6f', now) .. ',"info":' .. info .. '}'
-    redis.call('HSET', points, id, claim)
+    local name = reserve_run_name(names, run_name)
+    redis.call('HSET', points, id, '{"job_id":"' .. job_id .. '","run_name":"' .. name .. '","claimed_at":'
+      .. string.format('%.6f', now) .. ',"info":' .. info .. '}')
+    results[#results + 1] = {id, outcome, false, name}
+  else
+    results[#results + 1] = {id, outcome, claim or false}
   end
-  results[#results + 1] = {id, outcome, claim or false}
 end
 return results
 """
+)
 
 # Undo claims whose jobs could not be enqueued, and free their run names.
 # KEYS: points hash, run-name set; ARGV: (point id, job id) pairs.
@@ -146,26 +159,32 @@ def claim_points(
 
     Returns (point, outcome, claim) for each point. One script call: keep `points` to a CHUNK.
     """
-    points = search.points if points is None else points
+    points = list(search.points) if points is None else points
     arguments: list[Any] = [CLAIM_GRACE_S, "1" if dry_run else "0", Job.redis_job_namespace_prefix, RUN_KEY_PREFIX]
+    job_ids = {}
     for point in points:
-        info = {"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params}
-        info = json.dumps(info, separators=(",", ":"))
-        arguments += [point.id, str(uuid.uuid4()), point.run_name, info]
+        info = json_bytes({"index": point.index, "kind": point.kind, "fold": point.fold, "params": point.params})
+        job_ids[point.id] = job_id = str(uuid.uuid4())
+        arguments += [point.id, job_id, point.run_name, info]
     script = connection.register_script(CLAIM_SCRIPT)
     replies = script(keys=[search_points_key(search.name), RUN_NAMES_KEY], args=arguments)
     by_id = {point.id: point for point in points}
     claims = []
-    for point_id, outcome, claim in replies:
-        claim_record = json.loads(claim) if claim else None
-        claims.append((by_id[point_id.decode()], outcome.decode(), claim_record))
+    for reply in replies:
+        point_id = reply[0].decode()
+        if len(reply) == 4:  # claimed now, under the job id sent and the run name reserved
+            claim_record = {"job_id": job_ids[point_id], "run_name": reply[3].decode()}
+        else:
+            claim_record = json.loads(reply[2]) if reply[2] else None
+        claims.append((by_id[point_id], reply[1].decode(), claim_record))
     return claims
 
 
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in consecutive slices of at most `size`."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """`items` (any iterable, consumed lazily) in consecutive lists of at most `size`."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def release_claims(connection: redis.Redis, search: Search, claims: list[tuple[str, str]]) -> None:
@@ -279,8 +298,8 @@ def _point_options(checked: dict[str, Any], point: Point, claim: dict[str, Any])
     meta = checked["meta"] | {
         "run_name": claim["run_name"],
         "spec_hash": point.id if point.kind in ("run", "fold") else point.spec.spec_hash(),
-        "model": point.spec.model,
-        "epochs": point.spec.epochs,
+        "model": point.payload["model"],
+        "epochs": point.payload["epochs"],
         "point": point.id,
         "kind": point.kind,
         "params": dict(point.params),
@@ -304,29 +323,28 @@ def _enqueue_runs(
     timeout_s: int,
     max_requeues: int,
 ) -> list[dict[str, Any]]:
-    """One transaction: the chunk's run jobs on their RQ queues, and their run names in the index."""
+    """One transaction: the chunk's run jobs (publisher.job_batch) and their run names in the index."""
     if not to_enqueue:
         return []
-    by_queue: dict[str, list] = defaultdict(list)
+    batch = JobBatch(connection)
     enqueued = []
     checked: dict[str, Any] | None = None  # the chunk's first options, checked by job_options
     for point, claim in to_enqueue:
-        queue_name = rq_queue_name(point.spec)  # the claimed run name changes neither queue nor priority
-        spec_payload = point.spec.to_payload()
-        spec_payload["run_name"] = claim["run_name"]  # what the spec with its claimed run name dumps to
+        # The claimed run name changes neither queue nor priority.
+        queue_name = queue_for(point.payload["queue"], point.payload["priority"])
+        spec_payload = point.payload | {"run_name": claim["run_name"]}  # the spec with its claimed run name
         kwargs = {"spec": spec_payload, "context": context, "search": search.payload(point)}
         if checked is None:
             checked = _job_options(point, point.spec, search, claim, context, retries, timeout_s, max_requeues)
             options = checked
         else:
             options = _point_options(checked, point, claim)
-        by_queue[queue_name].append(Queue.prepare_data(RUN_EXPERIMENT, kwargs=kwargs, **options))
+        batch.add(queue_name, RUN_EXPERIMENT, kwargs, options)
         enqueued.append(
             {"point": point.id, "job_id": claim["job_id"], "run_name": claim["run_name"], "queue": queue_name}
         )
     with connection.pipeline() as pipeline:
-        for queue_name, datas in by_queue.items():
-            queue(connection, queue_name).enqueue_many(datas, pipeline=pipeline)
+        batch.write(pipeline)
         index_run_jobs(pipeline, {job["run_name"]: job["job_id"] for job in enqueued})
         pipeline.execute()
     return enqueued

@@ -2,7 +2,8 @@
 
 `load_search(path)` reads the file (schedule_search.config), checks every parameter against the
 spec, and expands it with the method the file names (schedule_search.methods: grid, random,
-bayes). A point with kfold.k > 1 fans out into folds plus an aggregate.
+bayes). A point with kfold.k > 1 fans out into folds plus an aggregate. The points are checked
+once here and made again, lazily, when they are published (schedule_search.points.SearchPoints).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from schedule_search.kfold import fan_out
 from schedule_search.methods import METHODS, Expansion, get_method
 from schedule_search.methods.asha import PROMOTERS
 from schedule_search.parameters import Parameter, ParameterError
-from schedule_search.points import Point
+from schedule_search.points import Point, SearchPoints
 from trainer.spec import SpecError, load_spec
 from worker.asha import AshaSettings
 from worker.search_trial import Metric, SearchPayload, StudySettings
@@ -47,7 +48,7 @@ class Search:
     config: SearchConfig
     metric: Metric
     parameters: dict[str, Parameter]  # the searched ones (constants are in every spec)
-    points: list[Point]
+    points: SearchPoints  # made again on each iteration, never all held
     study: StudySettings | None
     warnings: list[str]
     asha: AshaSettings | None = None  # its runs pause at rungs and the best are promoted
@@ -119,9 +120,9 @@ def load_search(path: str | Path) -> Search:
 
     seed = config.seed if config.seed is not None else default_seed(name)
     points = method.expand(Expansion(name, base, searched, config, seed, source, warnings))
-    if config.early_terminate is not None and any(point.spec.kfold.k > 1 for point in points):
+    points = points.expanded(lambda point: fan_out(point, group_is_default)).check()
+    if config.early_terminate is not None and points.kfold_sets:
         raise SearchError(f"{source}: early_terminate: k-fold sets are not stopped early; drop one of the two")
-    points = [fanned for point in points for fanned in fan_out(point, group_is_default)]
 
     study, asha = None, None
     pruner = config.early_terminate if config.early_terminate and not config.early_terminate.promotes else None
@@ -139,8 +140,8 @@ def load_search(path: str | Path) -> Search:
     return Search(name, config.method, str(path), config, config.metric, searched, points, study, warnings, asha)
 
 
-def _max_epochs(points: list[Point], searched: dict[str, Parameter]) -> int:
-    epochs = [point.spec.epochs for point in points]
+def _max_epochs(points: SearchPoints, searched: dict[str, Parameter]) -> int:
+    epochs = list(points.epochs)
     if "epochs" in searched:
         epochs += [int(value) for value in searched["epochs"].bounds()]
     return max(epochs)

@@ -21,7 +21,7 @@ from tests.helpers import run_cli, tiny_spec, wait_for
 from trainer.spec import load_spec
 from worker.janitor import LEASE_KEY, Janitor, lease_ttl_ms, requeue_abandoned, requeue_job
 from worker.job import AllowListedJob
-from worker.process import RunyardWorker
+from worker.rq_worker import RunyardWorker
 
 
 def abandon(connection: redis.Redis, worker_name: str, runyard_worker: bool = True) -> tuple[Job, str]:

@@ -27,7 +27,7 @@ from trainer.spec import load_spec
 from worker.heartbeat import WORKERS_KEY
 from worker.job import REFUSED_KEY, refused_records
 from worker.jobs import RUN_EXPERIMENT
-from worker.process import RunyardWorker
+from worker.rq_worker import RunyardWorker
 
 RESTARTED = "box1-cpu0"  # died with jobs started; restarted under the same name (with box1-cpu1 beside it)
 OTHER_BOX = "box2-gpu0"  # died too; `runyard janitor` sweeps its jobs

@@ -136,7 +136,7 @@ def test_seeded_random_search_draws_the_same_points_every_time(tmp_path):
 
 def test_random_draws_respect_each_distribution(tmp_path):
     path = write_search(tmp_path / "r.yaml", tmp_path, RANDOM_SPACE, method="random", run_cap=40, seed=1)
-    points = load_search(path).points
+    points = list(load_search(path).points)
     assert len({point.id for point in points}) == 40
     for point in points:
         params = point.params
@@ -182,7 +182,7 @@ def test_k_fold_spec_fans_out_into_folds_and_an_aggregate(tmp_path):
     document = yaml.safe_load(path.read_text())
     document["fixed"]["kfold.k"] = 3
     path.write_text(yaml.safe_dump(document))
-    points = load_search(path).points
+    points = list(load_search(path).points)
     assert [(point.kind, point.fold, point.run_name) for point in points[:4]] == [
         ("fold", 0, "cv-001-fold0"),
         ("fold", 1, "cv-001-fold1"),

@@ -216,7 +216,7 @@ def test_a_stop_during_registry_maintenance_ends_the_loop_and_a_bad_record_does_
     from rq import Worker
     from rq.exceptions import StopRequested
 
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
     worker = RunyardWorker(["default"], name="maintenance-test", connection=connection)
     monkeypatch.setattr(Worker, "run_maintenance_tasks", lambda self: (_ for _ in ()).throw(StopRequested()))
@@ -229,7 +229,7 @@ def test_a_stop_during_registry_maintenance_ends_the_loop_and_a_bad_record_does_
 def test_a_stop_whose_raise_went_astray_is_still_honoured_before_the_blocking_dequeue(connection):
     from rq.exceptions import StopRequested
 
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
     worker = RunyardWorker(["default"], name="astray-stop-test", connection=connection)
     with pytest.raises(StopRequested):

@@ -27,7 +27,7 @@ from worker.dequeue_policy import FollowGit, GpuPoliteness, Quarantine, dequeue
 from worker.gpu import GpuCheck
 from worker.job import AllowListedJob
 from worker.outage import OutageWatch, recover_after_outage, restore_popped_job
-from worker.process import RunyardWorker
+from worker.rq_worker import RunyardWorker
 
 
 def make_worker(connection: redis.Redis, name: str) -> RunyardWorker:

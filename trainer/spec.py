@@ -73,6 +73,13 @@ NON_RESULT_FIELDS = frozenset(
     }
 )
 
+# The fields ExperimentSpec's model validators read (_default_min_batch_size, _consistent): every
+# other field is validated on its own value only. A search checks values of these fields together
+# (schedule_search.point_specs); a new cross-field check must add its fields here.
+CROSS_FIELD_CHECKS = frozenset(
+    {"dataset", "heads", "relabel", "warmup_epochs", "epochs", "batch_size", "min_batch_size"}
+)
+
 # Problems one error message lists: a file of 100,000 unknown keys gets 20 lines, not 72 MB.
 MAX_ERROR_LINES = 20
 

@@ -18,7 +18,7 @@ from worker.janitor import Janitor, requeue_abandoned
 from worker.preemption import Preemptor
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 THREAD_SOCKET_TIMEOUT_S = 5
 

@@ -23,7 +23,7 @@ from worker.job import RefusedJob
 from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 # Failures whose message is the whole story: no traceback in the log.
 EXPECTED_FAILURES = (RefusedJob, SpecError, DataError, StorageFailure, JobCancelled, JobLost, OutOfMemory)

@@ -25,7 +25,7 @@ from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 RECONNECT_BACKOFF_S = (1, 2, 4, 8, 15, 30, 60)
 

@@ -1,225 +1,166 @@
-"""One RQ worker process: the JSON serializer, the allow-listed Job class, runyard's log format.
+"""One worker process, `python -m worker.process`: reach Redis and the run store, then serve.
 
-`worker --gpus 0,1` starts one of these per GPU (python -m worker.process, see worker.cli) with
-CUDA_VISIBLE_DEVICES pinned; each forks an RQ work horse per job, which is where torch runs (the
-process imports torch once at start so that forks are quick, but never initialises CUDA).
-
-On top of RQ's Worker, each process (each duty a small object, in the module named after it):
-- beats a short-lived heartbeat and sweeps for other workers' abandoned jobs from two threads
-  (worker.background: worker.heartbeat, worker.janitor), also while its horse trains;
-- on the first SIGTERM/SIGINT asks its horse to stop at the next step boundary; the job keeps its
-  checkpoint and is requeued, not failed. A second signal kills the horse and requeues the job
-  (worker.shutdown);
-- restarts RQ's scheduler process when it died and stops it in time (worker.scheduler_guard);
-- charges a horse that died (OOM killer, segfault, kill -9) to the job's crash count;
-- marks a job stopped by `runyard cancel` as canceled, and leaves alone a job a janitor took away
-  (worker.failures);
-- refuses payloads it cannot read without stopping (worker.job) and never unpickles; waits while
-  another process holds its GPU (worker.gpu); with --follow-git, takes each job on its checkout's
-  latest commit (worker.code_version): the dequeue policies (worker.dequeue_policy);
-- rides out Redis outages: RQ's loop ends, this process reconnects with backoff and starts over
-  (worker.outage);
-- takes jobs by fair share between owners within quotas (worker.fair_share, worker.quotas: the
-  queue class's dequeue_any), charges their GPU time, and preempts lower-priority jobs for a
-  waiting `high` one (worker.preemption).
+It runs RunyardWorkers (worker.rq_worker) one after another while Redis comes and goes
+(worker.outage), and restarts itself on new code for --follow-git. `worker` (worker.cli) starts
+one per GPU with process_command.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import argparse
+import logging
+import os
 import sys
+from typing import TYPE_CHECKING
 
-from rq import Queue, Worker
-from rq.exceptions import StopRequested
-from rq.job import Job
-from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq import Worker
 
-from worker.background import BackgroundThreads
-from worker.control import install_shutdown_handler
-from worker.dequeue_policy import DequeuePolicy, FollowGit, GpuPoliteness, Quarantine, Taken, dequeue
-from worker.failures import FailurePolicy
-from worker.fair_share import FairShareQueue, charge_gpu_time
-from worker.gpu import GpuCheck
-from worker.heartbeat import REDIS_ERRORS, RUNYARD_MARK, heartbeat_key
-from worker.janitor import requeue_job
-from worker.job import AllowListedJob
-from worker.outage import OutageWatch
-from worker.preemption import clear_preemption
-from worker.scheduler_guard import SchedulerGuard
-from worker.shutdown import StopPolicy
+from worker.code_version import CODE_DIR, loaded_code_state
+from worker.connection import RedisUnavailable, connect, mask_url, patient_connection, redis_url
+from worker.heartbeat import REDIS_ERRORS
+from worker.job import forbid_pickle
+from worker.logs import setup_worker_logging
 
-__all__ = ["JOB_OPTIONS", "RunyardWorker", "ended_unexpectedly", "main"]
+if TYPE_CHECKING:
+    import redis
+
+    from worker.rq_worker import RunyardWorker
+
+log = logging.getLogger("runyard.worker")
 
 
-# Every queue and job of a worker: JSON, never pickle; only runyard's entry points (worker.job).
-JOB_OPTIONS = {"serializer": JSONSerializer, "job_class": AllowListedJob}
+def process_command(*args: str) -> list[str]:
+    """The command line of one worker process, importing runyard from CODE_DIR whatever the cwd.
+
+    `python -m worker.process` would put the current directory first on sys.path: started from
+    inside another checkout, the worker would run that checkout's code, not the one it follows.
+    """
+    bootstrap = f"import sys; sys.path.insert(0, {str(CODE_DIR)!r}); from worker.process import main; sys.exit(main())"
+    return [sys.executable, "-c", bootstrap, *args]
 
 
-class RunyardWorker(Worker):
-    """RQ's forking Worker with runyard's job class and serializer fixed, wired to the policies above."""
-
-    queue_class = FairShareQueue  # which job comes next: rq.Worker dequeues through queue_class.dequeue_any
-    dequeue_policies: list[DequeuePolicy]  # asked in order around each dequeue
-
-    def __init__(self, queue_names: list[str], name: str, connection, follow_git: bool = False, **kwargs):
-        queues = [self.queue_class(queue, connection=connection, **JOB_OPTIONS) for queue in queue_names]
-        super().__init__(
-            queues, name=name, connection=connection, queue_class=self.queue_class, **JOB_OPTIONS, **kwargs
-        )
-        self.outage = OutageWatch(name)
-        self.stop_policy = StopPolicy(self)
-        self.scheduler_guard = SchedulerGuard(self)
-        self.threads = BackgroundThreads(self)
-        self.failures = FailurePolicy(self)
-        self.gpu_politeness = GpuPoliteness(GpuCheck.from_environment(), while_waiting=self.heartbeat)
-        self.quarantine = Quarantine(lambda: self.connection, name)
-        self.follow_git = FollowGit(follow_git, lambda: self.connection, self.log)
-        self.dequeue_policies = [self.stop_policy, self.gpu_politeness, self.quarantine, self.follow_git]
-        self.running: Taken | None = None  # the job the horse runs now
-        self.executed_jobs = 0
-        self.burst, self.max_jobs = False, None
-        # Whether RQ's loop ended as asked (burst done, max_jobs, idle); RQ also ends it, and
-        # returns normally, on an exception it did not expect: that exit must not look clean.
-        self.loop_done = False
-        self._execution_id: str | None = None
-
-    def requeue(self, job_id: str, queue_name: str, execution_id: str, reason: str, count: bool = False):
-        """Put back a job this worker started (`count`: as a crash); see worker.janitor.requeue_job."""
-        return requeue_job(self.connection, job_id, queue_name, execution_id, reason=reason, by=self.name, count=count)
-
-    # Lifecycle (the threads: worker.background; stops: worker.shutdown, worker.scheduler_guard)
-
-    def work(self, burst: bool = False, *args, max_jobs: int | None = None, **kwargs):
-        self.burst, self.max_jobs = burst, max_jobs
-        return super().work(burst, *args, max_jobs=max_jobs, **kwargs)
-
-    def bootstrap(self, *args, **kwargs):
-        self.stop_policy.install_early_handlers()  # RQ installs its own only after bootstrapping
-        super().bootstrap(*args, **kwargs)
-        self.threads.start()
-
-    def register_birth(self):
-        super().register_birth()
-        self.connection.hset(self.key, RUNYARD_MARK, heartbeat_key(self.name))
-
-    def stop_scheduler(self):
-        self.scheduler_guard.stop()
-
-    def _shutdown(self):  # an rq internal, overridden: remember the stop before RQ raises it
-        self.stop_policy.remember()
-        super()._shutdown()
-
-    def teardown(self):
-        if self.is_horse:
-            return
-        self.threads.stop()
-        try:
-            super().teardown()
-        except REDIS_ERRORS:
-            if self.pubsub_thread:
-                self.pubsub_thread.stop()
-
-    # Redis trouble ends the loop quietly; worker.cli reconnects (worker.outage)
-
-    def heartbeat(self, timeout=None, pipeline=None):
-        with self.outage.ending_loop(unless_busy=self.running is not None):
-            return super().heartbeat(timeout, pipeline)
-
-    def check_for_suspension(self, burst: bool):
-        with self.outage.ending_loop():
-            return super().check_for_suspension(burst)
-
-    def run_maintenance_tasks(self):
-        try:
-            with self.outage.ending_loop():
-                return super().run_maintenance_tasks()
-        except StopRequested:  # Ctrl-C or SIGTERM while idle (RQ raises it from its signal handler), or an outage
-            raise
-        except Exception as error:  # a record nobody can read must not stop the worker (RQ would quit)
-            self.quarantine.maintenance_failed(error)
-            self.last_cleaned_at = now()
-
-    def maintain_heartbeats(self, job: Job, execution):
-        # Called while the horse trains: an outage must not end the worker under a running job.
-        beat, charge = super().maintain_heartbeats, functools.partial(charge_gpu_time, ended=False)
-        self.outage.while_job_runs(job.id, lambda: beat(job, execution), lambda: charge(self.connection, job.id))
-
-    # Dequeue (worker.dequeue_policy) and execution
-
-    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        take = functools.partial(super().dequeue_job_and_maintain_ttl, timeout, max_idle_time)
-        taken = dequeue(self.dequeue_policies, take)
-        if taken is None:
-            self.loop_done = True  # burst mode found nothing, or max_idle_time passed
-        return taken
-
-    def prepare_execution(self, job: Job):
-        execution = super().prepare_execution(job)
-        self._execution_id = execution.id
-        return execution
-
-    def execute_job(self, job: Job, queue: Queue):
-        self.running, self._execution_id = (job, queue), None
-        try:
-            super().execute_job(job, queue)
-            self.executed_jobs += 1
-            self.loop_done = self.max_jobs is not None and self.executed_jobs >= self.max_jobs
-        except REDIS_ERRORS as error:
-            self.running = None
-            self.outage.job_interrupted(job, queue, self._execution_id, error)
-        finally:
-            self.running = None
-            with contextlib.suppress(*REDIS_ERRORS):  # an outage costs the owner's last minutes only
-                charge_gpu_time(self.connection, job.id, ended=True)  # the job no longer holds the GPU
-                clear_preemption(self.connection, job.id)
-
-    def setup_work_horse_signals(self):
-        super().setup_work_horse_signals()
-        install_shutdown_handler()
-
-    # Stop and failure (worker.shutdown, worker.failures)
-
-    def handle_warm_shutdown_request(self):
-        super().handle_warm_shutdown_request()
-        self.stop_policy.ask_horse_to_stop()
-
-    def request_force_stop(self, signum, frame):
-        running, execution = self.running, self.execution
-        try:
-            super().request_force_stop(signum, frame)
-        except SystemExit:
-            self.stop_policy.requeue_after_cold_stop(running, execution)
-            raise
-
-    def handle_exception(self, job: Job, *exc_info):
-        if not self.failures.log_expected(job, exc_info):
-            super().handle_exception(job, *exc_info)
-
-    def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
-        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        self.failures.crashed_job_id = job.id
-
-    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
-        if not self.failures.settled(job, queue, execution, exc_string):
-            super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
-
-
-def ended_unexpectedly(worker: RunyardWorker) -> bool:
-    """Whether RQ's loop quit on its own (an unhandled exception), not as asked."""
-    asked = worker.loop_done or worker.stop_policy.requested or worker.follow_git.restart_requested
-    return not (asked or worker.outage.lost)
+def unique_worker_name(connection: redis.Redis, name: str) -> str:
+    """`name`, or name-2, name-3... when a live worker already has it (RQ refuses duplicates)."""
+    candidate, suffix = name, 1
+    while connection.exists(f"{Worker.redis_worker_namespace_prefix}{candidate}") and not connection.hexists(
+        f"{Worker.redis_worker_namespace_prefix}{candidate}", "death"
+    ):
+        suffix += 1
+        candidate = f"{name}-{suffix}"
+    return candidate
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m worker.process` (worker.cli.process_main).
+    """`python -m worker.process`: one worker process; the exit status a supervisor acts on.
 
-    Also what a --follow-git worker of an earlier runyard re-executes after fast-forwarding to this code.
+    Also what a --follow-git worker of an earlier runyard re-executes after fast-forwarding.
     """
-    from worker.cli import process_main
+    from worker import rq_worker  # its docstring lists a worker process's duties: the --help text
+    from worker.rq_worker import ended_unexpectedly
 
-    return process_main(argv)
+    parser = argparse.ArgumentParser(prog="python -m worker.process", description=rq_worker.__doc__)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--queues", default="high,default,low")
+    parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--max-jobs", type=int, default=None)
+    parser.add_argument("--follow-git", action="store_true")
+    args = parser.parse_args(argv)
+
+    setup_worker_logging()
+    forbid_pickle()
+    try:
+        worker = _serve(args)
+    except KeyboardInterrupt:  # Ctrl-C before RQ took over the signals: nothing to clean up yet
+        return 0
+    if worker is None:
+        return 1
+    if ended_unexpectedly(worker):
+        # A supervisor's Restart=on-failure must see this; RQ already logged the traceback.
+        log.error("%s stopped unexpectedly (see the error above); exiting with status 1", worker.name)
+        return 1
+    if worker.follow_git.restart_requested:
+        # The same pid, so the supervising `worker` command keeps waiting on it; the new image
+        # imports the fast-forwarded code.
+        log.info("follow-git: restarting %s on the new code", worker.name)
+        sys.stdout.flush()
+        command = process_command(*(argv if argv is not None else sys.argv[1:]))
+        os.execv(command[0], command)
+    return 0
+
+
+def _ready_to_train() -> tuple[str, redis.Redis] | None:
+    """Redis reached, the run store writable and the training side imported; None (said why) if not."""
+    try:
+        url = redis_url(start_embedded=False)
+        connect(url, start_embedded=False)  # one clear line now if Redis is not there at all
+        connection = patient_connection(url)
+    except RedisUnavailable as error:
+        print(f"worker: {error}", file=sys.stderr)
+        return None
+    from trainer.store import StoreError, open_store
+
+    try:  # a box that cannot write the run store would train runs no other box can resume or read
+        log.info("worker: %s", open_store().check())
+    except StoreError as error:
+        print(f"worker: {error}; this worker takes no jobs", file=sys.stderr)
+        return None
+    # Import torch, timm and the trainer once, here: every forked work horse then starts training
+    # at once instead of spending seconds on the same imports. Importing initialises no CUDA; only
+    # the horse ever touches the GPU.
+    try:
+        import trainer.train  # noqa: F401
+    except ModuleNotFoundError as error:  # a publishing-only install: no torch, torchvision or timm
+        print(
+            f"worker: {error}: this box has runyard's publishing side only; install the training side "
+            "with pip install 'runyard[train]'",
+            file=sys.stderr,
+        )
+        return None
+    return url, connection
+
+
+def _serve(args: argparse.Namespace) -> RunyardWorker | None:
+    """Run RunyardWorkers until one ends for a reason other than Redis (see worker.outage).
+
+    Returns the last worker, or None when Redis could not be reached at start.
+    """
+    code = loaded_code_state()  # before any job: the commit whose code this process imported
+    ready = _ready_to_train()
+    if ready is None:
+        return None
+    url, connection = ready
+    from worker.outage import recover_after_outage, wait_for_redis
+    from worker.rq_worker import RunyardWorker  # here: `worker --help` need not import the worker side
+
+    queue_names = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
+    jobs_left = args.max_jobs
+    while True:
+        worker = None
+        try:
+            name = unique_worker_name(connection, args.name)
+            worker = RunyardWorker(queue_names, name=name, connection=connection, follow_git=args.follow_git)
+            log.info(
+                "%s listening on %s at %s (code %s%s%s)",
+                name,
+                ", ".join(queue_names),
+                mask_url(url),
+                code["git_sha"][:10] if code["git_sha"] else "unknown: not a git checkout",
+                ", uncommitted changes" if code["git_dirty"] else "",
+                ", following git" if args.follow_git else "",
+            )
+            worker.work(burst=args.burst, max_jobs=jobs_left, logging_level="INFO", with_scheduler=True)
+            lost = worker.outage.lost
+        except REDIS_ERRORS as error:
+            lost = error
+            if worker is not None:
+                worker.teardown()
+        if lost is None or (worker is not None and worker.stop_policy.requested):  # done, or asked to stop
+            return worker
+        if jobs_left is not None and worker is not None:
+            jobs_left = max(1, jobs_left - worker.executed_jobs)
+        connection = wait_for_redis(url, lost)
+        if worker is not None:
+            recover_after_outage(connection, worker)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The work horse reports each epoch into its RQ job's meta (what `runyard status` shows). A
 synchronous write retries for half a minute when Redis is away (the horse's connection is
-patient, see worker.process), and training waits for it. `MetaWriter` takes the latest meta
+patient, see worker.connection), and training waits for it. `MetaWriter` takes the latest meta
 instead and writes it from a daemon thread on its own quick-failing client: while Redis is
 down it keeps only the newest snapshot and retries every few seconds; once Redis is back that
 snapshot lands. `flush()` before any synchronous meta write keeps an older snapshot from

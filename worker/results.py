@@ -26,13 +26,25 @@ def get_search(connection: redis.Redis, search: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+# The one definition of reserving a run name, in Lua so that a search's claim script
+# (schedule_search.publish) reserves its points' names inside its own atomic call with it:
+# `run_name` if free, else `run_name-2`, `run_name-3`, ... whichever is free first.
+RESERVE_RUN_NAME_LUA = """
+local function reserve_run_name(names, run_name)
+  local name, suffix = run_name, 1
+  while redis.call('SADD', names, name) == 0 do
+    suffix = suffix + 1
+    name = run_name .. '-' .. suffix
+  end
+  return name
+end
+"""
+RESERVE_SCRIPT = RESERVE_RUN_NAME_LUA + "return reserve_run_name(KEYS[1], ARGV[1])"
+
+
 def reserve_run_name(connection: redis.Redis, name: str) -> str:
     """Claim `name`, or `name-2`, `name-3`, ... if taken: every run gets its own run dir."""
-    candidate, suffix = name, 1
-    while not connection.sadd(RUN_NAMES_KEY, candidate):
-        suffix += 1
-        candidate = f"{name}-{suffix}"
-    return candidate
+    return connection.register_script(RESERVE_SCRIPT)(keys=[RUN_NAMES_KEY], args=[name]).decode()
 
 
 def record_run(connection: redis.Redis, summary: dict[str, Any], global_board: bool = True) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from worker.heartbeat import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 # How long a stopping worker waits for its RQ scheduler process before killing it.
 SCHEDULER_STOP_GRACE_S = 10

@@ -26,7 +26,7 @@ from worker.control import SHUTDOWN_SIGNAL
 from worker.dequeue_policy import Taken
 
 if TYPE_CHECKING:
-    from worker.process import RunyardWorker
+    from worker.rq_worker import RunyardWorker
 
 log = logging.getLogger("runyard.worker")
 

@@ -13,18 +13,20 @@ from pydantic import ValidationError
 
 from schedule_search.config import EarlyTerminateConfig, SearchError
 from schedule_search.methods.base import SearchMethod
-from schedule_search.points import Point
+from schedule_search.points import SearchPoints
 from worker.asha import AshaSettings
 
 
-def asha_settings(config: EarlyTerminateConfig, method: SearchMethod, points: list[Point], source: str) -> AshaSettings:
+def asha_settings(
+    config: EarlyTerminateConfig, method: SearchMethod, points: SearchPoints, source: str
+) -> AshaSettings:
     """The rungs of an ASHA search; SearchError names the key and the fix when they cannot work."""
     where = f"{source}: early_terminate"
     if method.samples_from_study:
         raise SearchError(f"{where}: asha promotes grid or random points; use method: grid or random")
     if config.s is not None:
         raise SearchError(f"{where}: asha has no `s`: give min_iter (the first rung's epochs) instead")
-    epochs = sorted({point.spec.epochs for point in points})
+    epochs = sorted(points.epochs)
     if len(epochs) > 1:
         raise SearchError(
             f"{where}: asha needs every point to train the same epochs (they train {epochs}): do not search epochs"
@@ -45,6 +47,6 @@ def asha_settings(config: EarlyTerminateConfig, method: SearchMethod, points: li
 
 
 # The search side of each contracts.plugins.PROMOTERS name (the worker's: worker.asha.PROMOTERS).
-PROMOTERS: dict[str, Callable[[EarlyTerminateConfig, SearchMethod, list[Point], str], AshaSettings]] = {
+PROMOTERS: dict[str, Callable[[EarlyTerminateConfig, SearchMethod, SearchPoints, str], AshaSettings]] = {
     "asha": asha_settings
 }

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from schedule_search.config import SearchConfig, SearchError
 from schedule_search.parameters import Parameter
-from schedule_search.points import Point
+from schedule_search.points import SearchPoints
 from worker.search_trial import BayesSettings
 
 
@@ -47,8 +47,8 @@ class SearchMethod(ABC):
             raise SearchError(f"{source}: run_cap: a {self.name} search needs run_cap, the number of points to run")
 
     @abstractmethod
-    def expand(self, expansion: Expansion) -> list[Point]:
-        """Every point to publish, each spec validated (SearchError lists the bad ones)."""
+    def expand(self, expansion: Expansion) -> SearchPoints:
+        """Every point to publish, made lazily; `check()` on it validates each (SearchError lists the bad ones)."""
 
     def sampler_settings(self, searched: dict[str, Parameter], run_cap: int | None, seed: int) -> BayesSettings | None:
         """What a worker needs to sample a point's params; None when the params are fixed at publish time."""

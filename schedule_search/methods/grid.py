@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from typing import Any
 
 from schedule_search.config import SearchError
 from schedule_search.methods.base import Expansion, SearchMethod, register_method
 from schedule_search.parameters import ParameterError
-from schedule_search.points import Point, validated_points
+from schedule_search.point_specs import PointSpecs
+from schedule_search.points import SearchPoints, combination_points
 
 MAX_POINTS = 100_000
 
@@ -19,7 +22,7 @@ class GridSearch(SearchMethod):
 
     name = "grid"
 
-    def expand(self, expansion: Expansion) -> list[Point]:
+    def expand(self, expansion: Expansion) -> SearchPoints:
         source, searched, run_cap = expansion.source, expansion.searched, expansion.config.run_cap
         errors = []
         for key, parameter in searched.items():
@@ -38,6 +41,13 @@ class GridSearch(SearchMethod):
             expansion.warnings.append(f"run_cap {run_cap} keeps the first {run_cap} of the grid's {total} points")
             total = run_cap
         keys = list(searched)
-        values = itertools.product(*[searched[key].grid_values() for key in keys])
-        combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.islice(values, total)]
-        return validated_points(expansion.name, expansion.base, combos, source, duplicates_are_errors=True)
+        values = [searched[key].grid_values() for key in keys]
+
+        def combos() -> Iterator[dict[str, Any]]:
+            # Made again on each pass (itertools.product is lazy): no list of every point's params.
+            product = itertools.islice(itertools.product(*values), total)
+            return (dict(zip(keys, combo, strict=True)) for combo in product)
+
+        first = next(combos(), {})
+        specs = PointSpecs(expansion.base, first)
+        return SearchPoints(combination_points(expansion.name, combos, total, source, specs))
