@@ -10,6 +10,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from contracts.keys import queue_index_jobs_key, queue_index_owners_key
+from publisher.job_batch import JobBatch
 from worker import queue_index
 from worker.fair_share import FairShareQueue, take_job_id
 from worker.queue_index import indexed_owners, reindex_queue
@@ -92,3 +93,15 @@ def test_jobs_other_tools_put_on_the_queue_are_indexed_in_chunks_and_taken(conne
     assert sorted(taken) == sorted([alice, *foreign])
     assert connection.lrange(QUEUE, 0, -1) == [foreign[0].encode()]  # the duplicate: taken once, listed once
     assert connection.scard(queue_index_owners_key("default")) == 0
+
+
+def test_a_search_chunk_written_as_a_job_batch_is_indexed_in_list_order(connection):
+    batch = JobBatch(connection)
+    for number, owner in enumerate(["alice", "bob", "alice"]):
+        options = {"job_id": f"point-{number}", "description": f"run-{number}", "meta": {"owner": owner}}
+        batch.add("default", FUNC, {"spec": {}}, options)
+    with connection.pipeline() as pipeline:
+        batch.write(pipeline)
+        pipeline.execute()
+    assert indexed_owners(connection, "default") == {"alice": ["point-0", "point-2"], "bob": ["point-1"]}
+    assert take_job_id(connection, [QUEUE]) == (0, "point-0")  # alice (ties go by name), her oldest

@@ -84,6 +84,20 @@ return index_job(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1')
     ).encode(),
 )
 
+# KEYS: jobs, owners. ARGV: owner list prefix, then job id and owner pairs (appended in order).
+_INDEX_MANY = Script(
+    None,
+    b"""
+for i = 2, #ARGV, 2 do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    redis.call('RPUSH', ARGV[1] .. ARGV[i + 1], ARGV[i])
+    redis.call('SADD', KEYS[2], ARGV[i + 1])
+  end
+end
+return 0
+""",
+)
+
 # KEYS: queue, jobs, owners. ARGV: owner list prefix, job key prefix, queue name, chunk size,
 # phase (`list`: index what RQ's list holds from offset ARGV[6]; `stale`: drop indexed ids no
 # longer queued, SSCAN cursor ARGV[6]). Returns {next offset or cursor, 0 when the phase is done}.
@@ -134,6 +148,12 @@ def index_job(client: redis.Redis, queue_name: str, job_id: str, at_front: bool 
     """Add a job just put on `queue_name`'s RQ list to its owner's list (a pipeline queues it)."""
     args = [queue_index_owner_key(queue_name, ""), Job.redis_job_namespace_prefix, job_id, 1 if at_front else 0]
     _INDEX(keys=index_keys(queue_name), args=args, client=client)
+
+
+def index_jobs(client: redis.Redis, queue_name: str, jobs: list[tuple[str, str]]) -> None:
+    """Add jobs just appended to `queue_name`'s RQ list, (job id, owner) in list order, in one command."""
+    args = [queue_index_owner_key(queue_name, ""), *(value for job in jobs for value in job)]
+    _INDEX_MANY(keys=index_keys(queue_name), args=args, client=client)
 
 
 def reindex_queue(connection: redis.Redis, queue_name: str) -> bool:
