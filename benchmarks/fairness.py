@@ -8,6 +8,14 @@ the preempted job + 2 s) and the work the preempted job re-did (goal <= one epoc
 
     python benchmarks/fairness.py --workers 2 --flood 8 --later 3 --epochs 2
 
+`--stop-points` compares instead where a preempted job stops (RUNYARD_PREEMPT_AT=step, epoch,
+auto), side by side: one worker trains a 4-epoch `default` job with epochs of a few seconds, a
+`high` job arrives halfway through its second epoch; printed per mode are the `high` job's start
+latency, the victim's training thrown away (the partial epoch, re-done on resume), its set-up
+(paid again on resume, on its own line) and its end-to-end time.
+
+    python benchmarks/fairness.py --stop-points
+
 Everything is real: a redis-server, `python -m worker.process` workers, timm's test_efficientnet
 trained on generated data. The script samples every job's state every 0.2 s.
 """
@@ -177,7 +185,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
     total = sum(held.values())
     shares = [held[owner] / total if total else 0.0 for owner in owners]
     preempted = [job for job in sampler.jobs.values() if job.meta.get("preemptions")]
-    redone = [entry.get("work_lost_s") for job in preempted for entry in job.meta["preemptions"]]
+    entries = [entry for job in preempted for entry in job.meta["preemptions"]]
+    redone = [entry.get("work_redone_s") for entry in entries]
     epoch_s = [
         (job.meta.get("progress") or {}).get("seconds") for job in sampler.jobs.values() if job.meta.get("progress")
     ]
@@ -191,11 +200,100 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
         # Of the high job's latency: until a Preemptor asked, then until the victim had stopped.
         "asked_after_s": [round(e["requested_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
         "stopped_after_s": [round(e["at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
-        "work_redone_s": [round(value, 1) for value in redone if value is not None],
+        "stop_at": [entry.get("stop_at") for entry in entries],
+        "training_redone_s": [round(value, 1) for value in redone if value is not None],  # the partial epoch
+        "setup_paid_again_s": [round(entry["setup_s"], 1) for entry in entries if entry.get("setup_s") is not None],
+        "since_checkpoint_s": [round(entry["work_lost_s"], 1) for entry in entries if "work_lost_s" in entry],
         "median_epoch_s": round(statistics.median([s for s in epoch_s if s]), 1) if epoch_s else None,
         "jobs": len(sampler.jobs),
         "ran_twice_or_more": sum(1 for job in sampler.jobs.values() if int(job.meta.get("attempts", 1)) > 1),
     }
+
+
+def run_stop_point(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dict:
+    """One worker, a `default` job preempted halfway through its second epoch, RUNYARD_PREEMPT_AT=mode."""
+    redis_process, url = start_redis(work, "--save", "")
+    connection = redis.Redis.from_url(url)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
+    env |= {
+        "REDIS_URL": url,
+        "RUNYARD_HOME": str(work / "home"),
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "RUNYARD_PREEMPT_AT": mode,
+    }
+    sampler = Sampler(connection)
+    spec = load_spec(
+        {
+            "model": "test_efficientnet",
+            "pretrained": False,
+            "data_dir": str(data / "train"),
+            "resize": args.stop_resize,
+            "epochs": 4,
+            "batch_size": 32,
+            "lr": 3e-3,
+        }
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker.process", "--name", "bench-0"],
+        env=env,
+        stdout=open(work / "worker.log", "w"),  # noqa: SIM115 (the worker keeps it)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.time() + 120
+        while not connection.exists(heartbeat_key("bench-0")):
+            if time.time() > deadline:
+                raise RuntimeError("the worker did not start")
+            time.sleep(0.2)
+        victim = publish_experiment(connection, spec, context=publish_context("alice"))
+        sampler.add(victim)
+        sampler.run_until(lambda: victim.get_meta(refresh=True).get("checkpoint_at"), 300)
+        epoch_s = victim.meta["progress"]["seconds"]
+        time.sleep(max(0.0, 0.5 * epoch_s - (time.time() - victim.meta["checkpoint_at"])))  # mid-epoch 2
+        high = publish_experiment(
+            connection,
+            spec.model_copy(update={"priority": "high", "epochs": 1}),
+            context=publish_context("dave"),
+        )
+        sampler.add(high)
+        while sampler.sample():
+            time.sleep(SAMPLE_S)
+        victim.refresh()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        redis_process.terminate()
+        redis_process.wait(10)
+    entries = victim.meta.get("preemptions") or []
+    entry = entries[0] if entries else {}
+    high_at = sampler.published[high.id]
+    return {
+        "mode": mode,
+        "epoch_s": round(epoch_s, 1),
+        "stop_at": entry.get("stop_at"),
+        "high_start_latency_s": round(sampler.first_start[high.id] - high_at, 1),
+        "victim_stopped_after_s": round(entry["at"] - high_at, 1) if entry else None,
+        "training_redone_s": entry.get("work_redone_s"),
+        "setup_paid_again_s": entry.get("setup_s"),
+        "victim_end_to_end_s": round(victim.ended_at.timestamp() - victim.enqueued_at.timestamp(), 1),
+        "preemptions": len(entries),
+        "victim_epochs": [row["epoch"] for row in victim.meta.get("history") or []],
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'':28}" + "".join(f"{result['mode']:>24}" for result in results))
+    for key in results[0]:
+        if key == "mode":
+            continue
+        print(f"{key:28}" + "".join(f"{json.dumps(result[key]):>24}" for result in results))
 
 
 def main() -> int:
@@ -204,6 +302,8 @@ def main() -> int:
     parser.add_argument("--flood", type=int, default=8, help="alice's jobs, queued first")
     parser.add_argument("--later", type=int, default=3, help="bob's and carol's jobs each, queued next")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--stop-points", action="store_true", help="compare RUNYARD_PREEMPT_AT=step|epoch|auto")
+    parser.add_argument("--stop-resize", default="160x160", help="the victim's image size (its epoch length)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="runyard-fairness-") as tmp:
@@ -211,17 +311,18 @@ def main() -> int:
         data = work / "data"
         make_demo_dataset(data, profiles=36, eval_profiles=6, image_size=(64, 48), seed=0)
         results = []
-        for mode in ("fifo", "fair share"):
-            (work / mode.replace(" ", "-")).mkdir()
-            results.append(run_mode(mode, args, work / mode.replace(" ", "-"), data))
+        if args.stop_points:
+            for mode in ("step", "epoch", "auto"):
+                (work / mode).mkdir()
+                results.append(run_stop_point(mode, args, work / mode, data))
+        else:
+            for mode in ("fifo", "fair share"):
+                (work / mode.replace(" ", "-")).mkdir()
+                results.append(run_mode(mode, args, work / mode.replace(" ", "-"), data))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'':28}" + "".join(f"{result['mode']:>24}" for result in results))
-    for key in results[0]:
-        if key == "mode":
-            continue
-        print(f"{key:28}" + "".join(f"{json.dumps(result[key]):>24}" for result in results))
+    print_table(results)
     return 0
 
 

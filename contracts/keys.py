@@ -26,6 +26,7 @@ PREEMPT_PREFIX = f"{PREFIX}:preempt:"  # + job id: the request that the job stop
 PREEMPT_FOR_PREFIX = f"{PREFIX}:preempt-for:"  # + high job id: a job was already stopped for it
 PREEMPT_LOCK_KEY = f"{PREFIX}:preempt-lock"  # one deciding Preemptor at a time
 PREEMPT_OFF_KEY = f"{PREFIX}:preempt-off"  # set: queue names whose jobs are never preempted
+QUEUE_INDEX_PREFIX = f"{PREFIX}:fairshare:index:"  # + RQ queue name + ":": the queue's owner index (below)
 
 
 def run_key(run_name: str) -> str:
@@ -106,3 +107,28 @@ def requeue_counter_key(job_id: str) -> str:
 def refused_job_key(job_id: str) -> str:
     """Where a refused (quarantined) job's RQ record is moved aside."""
     return f"{REFUSED_KEY}:{job_id}"
+
+
+def queue_index_jobs_key(queue_name: str) -> str:
+    """Set of the job ids in `queue_name`'s owner index (worker.queue_index)."""
+    return f"{QUEUE_INDEX_PREFIX}{queue_name}:jobs"
+
+
+def queue_index_owners_key(queue_name: str) -> str:
+    """Set of the owners with jobs in `queue_name`'s owner index."""
+    return f"{QUEUE_INDEX_PREFIX}{queue_name}:owners"
+
+
+def queue_index_owner_key(queue_name: str, owner: str) -> str:
+    """List of `owner`'s indexed job ids on `queue_name`, oldest first (the Lua take appends owners to "")."""
+    return f"{QUEUE_INDEX_PREFIX}{queue_name}:owner:{owner}"
+
+
+def queue_index_checked_key(queue_name: str) -> str:
+    """Set for a while after a reindex of `queue_name`: how many listed jobs it could not index (duplicates)."""
+    return f"{QUEUE_INDEX_PREFIX}{queue_name}:checked"
+
+
+def queue_index_lock_key(queue_name: str) -> str:
+    """The one process reindexing `queue_name` now (SET NX PX)."""
+    return f"{QUEUE_INDEX_PREFIX}{queue_name}:reindexing"

@@ -32,6 +32,7 @@ from publisher.sharing import preempted_table, print_owner_status, queued_table
 from publisher.status import collect_status
 from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
+from worker.fair_share import HOURLY_KEPT_H
 from worker.quotas import QuotaError
 from worker.results import get_search, leaderboard
 
@@ -250,7 +251,12 @@ def _eta(seconds: float | None) -> str:
 )
 @click.option("--owners", is_flag=True, help="Per owner: running, queued, GPU hours in the window, share, quota.")
 @click.option(
-    "--window", "window_h", type=click.FloatRange(min=0.01), default=24, show_default=True, help="Hours for --owners."
+    "--window",
+    "window_h",
+    type=click.FloatRange(min=0.01, max=HOURLY_KEPT_H),
+    default=24,
+    show_default=True,
+    help=f"Hours for --owners (GPU hours are kept {HOURLY_KEPT_H} h).",
 )
 def status_command(as_json, search, limit, owners, window_h):
     """Queues, running and queued jobs (with why they wait), failed jobs with the reason, workers."""

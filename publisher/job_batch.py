@@ -29,6 +29,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from worker.queue_index import index_jobs
+
 # The fields each job sets itself; everything else is the template's (origin, status, TTLs, retries).
 OWN_FIELDS = ("data", "description", "meta")
 
@@ -55,6 +57,7 @@ class JobBatch:
         self._templates: dict[str, dict[str, Any]] = {}  # queue name -> a job hash RQ built
         self._jobs: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # queue name -> (job id, hash)
         self._now = datetime.now(timezone.utc)
+        self._owners: dict[str, str] = {}  # job id -> its owner, for the queue's owner index
 
     def add(self, queue_name: str, func_name: str, kwargs: dict[str, Any], options: dict[str, Any]) -> None:
         """Add a job to `queue_name`: `options` as for Queue.prepare_data (job_id, description, meta, ...).
@@ -73,6 +76,7 @@ class JobBatch:
             "meta": json_bytes(options["meta"]),
         }
         self._jobs.setdefault(queue_name, []).append((options["job_id"], job_hash))
+        self._owners[options["job_id"]] = str(options["meta"].get("owner") or "")
 
     def write(self, pipeline: redis.client.Pipeline) -> None:
         """Queue the batch's commands on `pipeline` (its caller executes it, with whatever else belongs there)."""
@@ -82,6 +86,7 @@ class JobBatch:
             queue_key = Queue.redis_queue_namespace_prefix + queue_name
             pipeline.sadd(Queue.redis_queues_keys, queue_key)
             pipeline.rpush(queue_key, *[job_id for job_id, _ in jobs])
+            index_jobs(pipeline, queue_name, [(job_id, self._owners[job_id]) for job_id, _ in jobs])  # fair share
 
     def _template(
         self, queue_name: str, func_name: str, kwargs: dict[str, Any], options: dict[str, Any]

@@ -15,7 +15,7 @@ from contracts.job_meta import DEFAULT_MAX_REQUEUES, update_job_meta
 from publisher.run_index import index_run_jobs
 from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
-from worker.fair_share import job_owner
+from worker.fair_share import FairShareQueue, job_owner
 from worker.jobs import RUN_EXPERIMENT
 from worker.quotas import check_owner
 from worker.results import reserve_run_name
@@ -40,7 +40,8 @@ def queue_for(queue_name: str, priority: str) -> str:
 
 
 def queue(connection: redis.Redis, name: str) -> Queue:
-    return Queue(name, connection=connection, serializer=JSONSerializer)
+    """The RQ queue `name`; its enqueues also index each job under its owner (worker.queue_index)."""
+    return FairShareQueue(name, connection=connection, serializer=JSONSerializer)
 
 
 def current_owner() -> str:

@@ -20,6 +20,7 @@ from rq.utils import as_text
 
 from worker.fair_share import NOBODY, decayed_usage, fair_share_enabled, gpu_seconds_since, running_entries
 from worker.preemption import queue_priority
+from worker.queue_index import OWNER_FIELD
 from worker.quotas import quotas
 
 DEFAULT_WINDOW_S = 24 * 3600
@@ -33,7 +34,7 @@ def _queued_owners(connection: redis.Redis) -> dict[str, list[tuple[str, str]]]:
         ids = [as_text(job_id) for job_id in connection.lrange(queue.key, 0, -1)]
         with connection.pipeline(transaction=False) as pipeline:
             for job_id in ids:
-                pipeline.hget(Job.key_for(job_id), "runyard_owner")
+                pipeline.hget(Job.key_for(job_id), OWNER_FIELD)
             owners = pipeline.execute(raise_on_error=False)  # a record of the wrong type reads as no owner
         queued[queue.name] = [
             (job_id, as_text(owner) if isinstance(owner, bytes) else _meta_owner(connection, job_id))

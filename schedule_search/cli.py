@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from publisher.cli import CONTEXT, connect_or_fail, console, enqueue_options, fail, parse_duration
+from publisher.queue import publish_context
 from schedule_search.config import SearchError
 from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search
@@ -31,8 +32,13 @@ OUTCOME_LABELS = {
 @click.option("--dry-run", is_flag=True, help="Print the points and which are new or done; enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @enqueue_options("each point's job")
+@click.option(
+    "--owner",
+    metavar="USER",
+    help="Who the search's jobs belong to for fair share and quotas [RUNYARD_USER, else you].",
+)
 def schedule_search_command(
-    file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str, max_requeues: int
+    file: Path, dry_run: bool, as_json: bool, retries: int, timeout: str, max_requeues: int, owner: str | None
 ) -> None:
     """Publish a grid, random or bayes search from a W&B-sweep YAML file; each point runs once.
 
@@ -72,11 +78,14 @@ def schedule_search_command(
         return
     connection = connect_or_fail()
     try:
-        report = publish_search(connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues)
+        context = publish_context(owner) if owner else None  # None: publish_search's own (RUNYARD_USER)
+        report = publish_search(
+            connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues, context=context
+        )
     except SearchConflict as error:
         fail(f"nothing enqueued: {error}")
-    except QuotaError as error:  # RUNYARD_USER names the owner of the search's jobs
-        fail(f"RUNYARD_USER: {error}; nothing enqueued")
+    except QuotaError as error:  # --owner or RUNYARD_USER names the owner of the search's jobs
+        fail(f"--owner / RUNYARD_USER: {error}; nothing enqueued")
     if as_json:
         click.echo(json.dumps(_report_json(search, report), indent=2))
         return

@@ -18,12 +18,15 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from worker.fair_share import (
+    HOURLY_KEPT_H,
+    HOURLY_KEY,
     RUNNING_KEY,
     USAGE_AT_KEY,
     USAGE_KEY,
     FairShareQueue,
     charge_gpu_time,
     decayed_usage,
+    gpu_seconds_since,
     half_life_s,
     running_entries,
     take_job_id,
@@ -188,3 +191,31 @@ def test_a_job_that_arrives_for_an_owner_at_quota_stays_queued(connection):
         FairShareQueue.dequeue_any([queue], 2, connection, serializer=JSONSerializer)
     assert queue.count == 1  # popped by the wait, put back by the take, still listed
     assert not running_entries(connection)
+
+
+def test_a_job_that_ended_before_its_worker_charged_it_is_charged_by_the_next_take(connection):
+    [job_id, other] = queue_jobs(connection, ["alice", "bob"])
+    assert take_job_id(connection, [QUEUE])[1] == job_id
+    start(connection, job_id)
+    time.sleep(0.3)
+    connection.hset(Job.key_for(job_id), "status", "finished")  # RQ marked it; its worker's charge is next
+    assert take_job_id(connection, [QUEUE])[1] == other  # this take drops alice's entry...
+    assert charge_gpu_time(connection, job_id, ended=True) == 0  # ...so her worker finds nothing to charge
+    assert decayed_usage(connection)["alice"] >= 0.3  # but her GPU time was charged, not lost
+    assert gpu_seconds_since(connection, time.time() - 60)["alice"] >= 0.3
+
+
+def test_gpu_hours_older_than_anyone_reads_are_pruned_at_an_owners_first_charge_of_an_hour(connection):
+    hour = int(time.time() // 3600)
+    connection.hset(
+        HOURLY_KEY,
+        mapping={f"alice\t{hour - HOURLY_KEPT_H}": 50, f"bob\t{hour - HOURLY_KEPT_H + 1}": 70, f"carol\t{hour}": 5},
+    )
+    [job_id] = queue_jobs(connection, ["dave"])
+    take_job_id(connection, [QUEUE])
+    start(connection, job_id)
+    time.sleep(0.05)
+    charge_gpu_time(connection, job_id, ended=True)
+    kept = {field.decode().split("\t")[0] for field in connection.hkeys(HOURLY_KEY)}
+    assert kept == {"bob", "carol", "dave"}  # alice's hour is past the longest window read
+    assert gpu_seconds_since(connection, time.time() - HOURLY_KEPT_H * 3600)["bob"] == 70

@@ -7,20 +7,28 @@ Preemptor would; tests/test_scheduling.py runs preemption end to end with traini
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 import redis
 from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from tests.helpers import tiny_spec
+from trainer.interrupt import PREEMPTED, TrainingInterrupted
+from trainer.spec import load_spec
+from trainer.train import train
+from worker.control import JobControl
 from worker.preemption import (
     may_preempt,
     preempt_for,
     preemption_request,
     queue_priority,
+    record_preemption,
     set_queue_preemption,
 )
 
@@ -88,3 +96,65 @@ def test_nothing_is_preempted_while_a_worker_serving_the_queue_is_idle(connectio
     idle.set_state("idle")
     queue_high(connection)
     assert preempt_for(connection, "high") is None
+
+
+def test_auto_waits_for_an_epoch_boundary_that_is_close_and_stops_at_the_step_otherwise(connection, monkeypatch):
+    now = time.time()
+    # Both have 30 s epochs; `near` is 25 s into its epoch (5 s left), `far` 2 s (28 s left).
+    near = running_job(connection, "w1", "low", checkpoint_at=now - 25, progress={"seconds": 30})
+    far = running_job(connection, "w2", "low", checkpoint_at=now - 2, progress={"seconds": 30})
+    high = queue_high(connection)
+    monkeypatch.setenv("RUNYARD_PREEMPT_AUTO_WAIT", "10")
+    assert preempt_for(connection, "high") == near.id  # nothing re-done, 5 s of wait
+    assert preemption_request(connection, near.id)["stop_at"] == "epoch"
+
+    connection.delete(f"runyard:preempt:{near.id}", f"runyard:preempt-for:{high.id}")
+    monkeypatch.setenv("RUNYARD_PREEMPT_AUTO_WAIT", "1")  # neither epoch ends within 1 s
+    assert preempt_for(connection, "high") == far.id  # the least training re-done: 2 s
+    assert preemption_request(connection, far.id)["stop_at"] == "step"
+
+
+def test_a_bad_stop_point_is_refused_naming_the_variable(connection, monkeypatch):
+    running_job(connection, "w1", "low")
+    queue_high(connection)
+    monkeypatch.setenv("RUNYARD_PREEMPT_AT", "soon")
+    with pytest.raises(ValueError, match="RUNYARD_PREEMPT_AT='soon' is not one of: step, epoch, auto"):
+        preempt_for(connection, "high")
+
+
+@pytest.mark.parametrize("stop_at", ["step", "epoch"])
+def test_a_victim_asked_to_stop_at_the_epoch_boundary_finishes_its_epoch_and_redoes_nothing(
+    connection, demo_data, tmp_path, monkeypatch, stop_at
+):
+    """Real training of a tiny model, asked to stop a few steps into epoch 2 (6 steps an epoch)."""
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    job = running_job(connection, "w1", "low")
+    connection.hset(job.key, mapping={"status": "started", "worker_name": "w1"})  # as RQ marks a started job
+    job.refresh()
+    control = JobControl(job)
+    calls = {"epoch": 0, "steps": 0}
+
+    def should_stop(boundary: str = "step") -> str | None:
+        if boundary == "epoch":
+            calls["epoch"] += 1
+        elif calls["epoch"] == 2:
+            calls["steps"] += 1
+            if calls["steps"] == 2:  # the Preemptor's request lands mid-epoch
+                connection.set(f"runyard:preempt:{job.id}", json.dumps({"by": "h", "stop_at": stop_at}))
+        return control.should_stop(force=True, boundary=boundary)
+
+    spec = load_spec(tiny_spec(demo_data, epochs=3, run_name=f"victim-{stop_at}"))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(spec, should_stop=should_stop)
+    assert stopped.value.reason == PREEMPTED
+    record_preemption(job, stopped.value.epoch)
+    [entry] = job.meta["preemptions"]
+    assert entry["stop_at"] == stop_at
+    if stop_at == "epoch":
+        assert stopped.value.epoch == 2 and calls["steps"] == 6  # epoch 2 trained to its end
+        assert entry["work_redone_s"] == 0
+    else:
+        assert stopped.value.epoch == 1 and calls["steps"] == 2  # stopped 2 steps into epoch 2
+        assert entry["work_redone_s"] > 0
+    assert entry["setup_s"] is not None and not connection.exists(f"runyard:preempt:{job.id}")

@@ -30,7 +30,7 @@ def stop_in_epoch(epoch: int):
     calls = {"count": 0}
     steps_per_epoch = 6
 
-    def should_stop():
+    def should_stop(**_where):
         calls["count"] += 1
         return SHUTDOWN if calls["count"] == (epoch - 1) * (steps_per_epoch + 1) + 3 else None
 
@@ -119,7 +119,7 @@ def test_without_a_checkpoint_a_resumed_run_starts_from_epoch_zero(runs, demo_da
 def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(runs, demo_data):
     trainer = Trainer(load_spec(tiny_spec(demo_data, batch_size=16, grad_accum_steps=3, run_name="accumulate")))
     steps = []
-    trainer.should_stop = lambda: steps.append(1)  # asked after every optimizer step
+    trainer.should_stop = lambda **_where: steps.append(1)  # asked after every optimizer step
     trainer.train_one_epoch()
     batches = len(trainer.train_loader)  # 210 images / 16 = 13 batches
     assert len(steps) == batches // 3  # the short trailing group is skipped, as drop_last does
@@ -128,7 +128,7 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(run
 def test_a_stop_asked_before_the_first_epoch_trains_nothing_and_keeps_no_checkpoint(runs, demo_data):
     trainer = Trainer(load_spec(tiny_spec(demo_data, run_name="before-epoch")))
     with pytest.raises(TrainingInterrupted) as stopped:
-        trainer.fit(should_stop=lambda: SHUTDOWN)  # the epoch boundary asks before any batch
+        trainer.fit(should_stop=lambda **_where: SHUTDOWN)  # the epoch boundary asks before any batch
     assert (stopped.value.reason, stopped.value.epoch) == (SHUTDOWN, 0)
     assert trainer.progress.steps == 0 and trainer.progress.history == []
     assert not checkpoint_path(runs / "before-epoch").exists()

@@ -124,3 +124,29 @@ def test_schedule_search_refuses_a_bad_runyard_user_and_enqueues_nothing(redis_u
     assert "RUNYARD_USER: owner 'not a name' is not a user name" in result.stderr
     assert not Queue("default", connection=connection).count
     assert not connection.keys("runyard:search:owned*")  # no claim left behind
+
+
+def test_schedule_search_owner_option_owns_every_point_and_a_bad_one_enqueues_nothing(
+    redis_url, tmp_path, demo_data, connection
+):
+    env = isolated_env(redis_url, tmp_path / "home") | {"RUNYARD_USER": "bob"}
+    search = write_search(tmp_path / "search.yaml", demo_data, {"lr": {"values": [0.001, 0.003]}}, name="owned")
+    refused = run_cli("schedule-search", str(search), "--owner", "alice smith", env=env)
+    assert (
+        refused.returncode != 0 and "--owner / RUNYARD_USER: owner 'alice smith' is not a user name" in refused.stderr
+    )
+    assert connection.llen("rq:queue:default") == 0
+    result = run_cli("schedule-search", str(search), "--owner", "alice", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    jobs = [
+        Job.fetch(job["job_id"], connection=connection, serializer=JSONSerializer)
+        for job in json.loads(result.stdout)["jobs"]
+    ]
+    assert len(jobs) == 2 and {job.meta["owner"] for job in jobs} == {"alice"}  # not RUNYARD_USER's bob
+
+
+def test_status_owners_refuses_a_window_longer_than_gpu_hours_are_kept(redis_url, tmp_path):
+    result = run_cli(
+        "runyard", "status", "--owners", "--window", "1000", env=isolated_env(redis_url, tmp_path / "home")
+    )
+    assert result.returncode == 2 and "--window" in result.stderr and "168" in result.stderr

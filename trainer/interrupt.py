@@ -1,8 +1,10 @@
 """Stopping a run from outside, between optimizer steps; torch-free so workers can import it cheaply.
 
-The trainer asks a `should_stop` callback after every optimizer step (the step boundary). A
-reason stops training with TrainingInterrupted; the last finished epoch's checkpoint remains,
-and a resumed run starts after it (see trainer.checkpoint).
+The trainer asks a `should_stop` callback after every optimizer step (the step boundary) and,
+with `boundary="epoch"`, before each epoch (the epoch boundary: the last epoch's checkpoint is
+written, nothing is lost by stopping here). A reason stops training with TrainingInterrupted;
+the last finished epoch's checkpoint remains, and a resumed run starts after it (see
+trainer.checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ SHUTDOWN = "shutdown"  # the worker is going down: keep the checkpoint, run the 
 CANCELLED = "cancelled"  # a user cancelled the run
 PREEMPTED = "preempted"  # a `high` job needs this GPU: keep the checkpoint, run the rest later
 LOST = "lost"  # this process no longer owns the job (it was requeued elsewhere): stop quietly
+
+STEP_BOUNDARY = "step"  # after an optimizer step: the epoch's training so far is re-done on resume
+EPOCH_BOUNDARY = "epoch"  # before an epoch: nothing is re-done
 
 
 class TrainingInterrupted(Exception):

@@ -31,7 +31,7 @@ from trainer.models import create_model, normalization
 from trainer.optim import create_optimizer, create_scheduler
 from trainer.spec import ExperimentSpec
 
-StopCallback = Callable[[], "str | None"]
+StopCallback = Callable[..., "str | None"]  # called as should_stop(boundary="step" | "epoch")
 
 
 def seed_everything(seed: int) -> None:
@@ -218,6 +218,6 @@ class Learner:
         Asked at two boundaries: "step" (after each optimizer step) and "epoch" (before each epoch).
         Either way what remains is the last finished epoch's checkpoint.
         """
-        reason = self.should_stop() if self.should_stop is not None else None
+        reason = self.should_stop(boundary=boundary) if self.should_stop is not None else None
         if reason:
             raise TrainingInterrupted(reason, self.progress.last_epoch)

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rq import Queue, Retry
+from rq import Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -46,6 +46,7 @@ from contracts.keys import (
     search_points_key,
 )
 from contracts.plugins import PromoterName
+from worker.fair_share import FairShareQueue
 
 log = logging.getLogger("runyard.asha")
 
@@ -266,7 +267,7 @@ def enqueue_promotions(connection: redis.Redis, promotions: list[Promotion]) -> 
             rung_epochs=settings.rung_epochs()[promotion.rung],
             promoted_from_job=template.get("job_id"),
         )
-        queue = Queue(template["queue"], connection=connection, serializer=JSONSerializer)
+        queue = FairShareQueue(template["queue"], connection=connection, serializer=JSONSerializer)
         try:
             queue.enqueue_call(
                 template["func"],

@@ -1,19 +1,22 @@
-"""Whether a running job should stop, asked by the trainer at every step boundary.
+"""Whether a running job should stop, asked by the trainer at every step and epoch boundary.
 
 Three things stop a job early, each a reason from trainer.interrupt:
 - shutdown: the worker got SIGTERM/SIGINT and sent its work horse SHUTDOWN_SIGNAL; the job
   keeps its checkpoint and goes back on the queue (worker.jobs returns RQ's Retry).
 - cancelled: someone ran `runyard cancel`, which sets `runyard:cancel:<job id>` in Redis.
 - preempted: a `high` job needs the GPU (worker.preemption sets `runyard:preempt:<job id>`); the
-  job goes back on the queue like a shutdown.
+  job goes back on the queue like a shutdown. The request says where to stop: at the next step,
+  or at the next epoch boundary (then the step checks let it train on).
 - lost: the job is no longer this horse's (a janitor requeued it, e.g. after a long Redis
   outage, or the worker process died): it stops without touching the job's state in Redis.
 
-The signal costs nothing to check; Redis is asked at most once per CHECK_INTERVAL_S.
+The signal costs nothing to check; Redis is asked at most once per CHECK_INTERVAL_S, and always
+at an epoch boundary (an epoch-boundary preemption must not miss it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,7 +26,7 @@ import redis
 from rq.job import Job, JobStatus
 
 from contracts.keys import cancel_key
-from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN
+from trainer.interrupt import CANCELLED, EPOCH_BOUNDARY, LOST, PREEMPTED, SHUTDOWN, STEP_BOUNDARY
 from worker.embedded import NO_RETRY
 from worker.heartbeat import REDIS_ERRORS, separate_client
 from worker.preemption import preempt_key
@@ -66,11 +69,31 @@ class JobControl:
         self.worker_name = job.worker_name if job is not None else None
         self.parent_pid = _worker_pid or os.getppid()
         self._next_check = 0.0
+        # When the epoch now training began (its before-epoch call), and the attempt's set-up time
+        # (start to the first epoch boundary): what a preemption throws away, and what it costs again.
+        self.epoch_started_at: float | None = None
+        self.setup_s: float | None = None
         # A check must not hold training up while Redis is away: one quick try, no retries.
         self.redis = separate_client(job.connection, CHECK_TIMEOUT_S, NO_RETRY) if job is not None else None
 
-    def should_stop(self, force: bool = False) -> str | None:
+    def should_stop(self, force: bool = False, boundary: str = STEP_BOUNDARY) -> str | None:
         """A reason to stop now, or None; `force` asks Redis even within CHECK_INTERVAL_S."""
+        reason = self._reason(force or boundary == EPOCH_BOUNDARY, boundary)
+        if reason is None and boundary == EPOCH_BOUNDARY:
+            self.epoch_started_at = time.time()
+            if self.setup_s is None and self.job is not None and self.job.started_at is not None:
+                self.setup_s = max(0.0, self.epoch_started_at - self.job.started_at.timestamp())
+        if reason == PREEMPTED:
+            redone = (
+                0.0
+                if boundary == EPOCH_BOUNDARY or self.epoch_started_at is None
+                else time.time() - self.epoch_started_at
+            )
+            # Read by worker.preemption.record_preemption in this process (the same Job object).
+            self.job.meta["preempt_stop"] = {"boundary": boundary, "redone_s": redone, "setup_s": self.setup_s}
+        return reason
+
+    def _reason(self, force: bool, boundary: str) -> str | None:
         if _shutdown_requested:
             return SHUTDOWN
         if self.job is None:
@@ -86,7 +109,7 @@ class JobControl:
             with self.redis.pipeline(transaction=False) as pipeline:
                 pipeline.exists(cancel_key(self.job.id))
                 pipeline.hmget(self.job.key, "status", "worker_name")
-                pipeline.exists(preempt_key(self.job.id))
+                pipeline.get(preempt_key(self.job.id))
                 cancelled, (status, worker), preempted = pipeline.execute()
         except REDIS_ERRORS:
             return None  # Redis trouble is not a reason to stop training
@@ -96,5 +119,11 @@ class JobControl:
             log.warning("job %s was requeued while this worker ran it; stopping without a result", self.job.id)
             return LOST
         if preempted:
+            try:
+                stop_at = json.loads(preempted).get("stop_at", STEP_BOUNDARY)
+            except (ValueError, AttributeError):
+                stop_at = STEP_BOUNDARY  # a request nobody can read: stop as soon as possible
+            if stop_at == EPOCH_BOUNDARY and boundary != EPOCH_BOUNDARY:
+                return None  # asked to finish the epoch first
             return PREEMPTED
         return None

@@ -11,8 +11,9 @@ its owner is charged the time since the entry's last charge while it runs (every
 interval of the worker) and when it ends. RUNYARD_SCHEDULING=fifo turns all of this off (RQ's own
 first-in first-out dequeue).
 
-The take reads each queued job's owner once (O(queue length) per take, a few ms for thousands of
-jobs); the owner is cached as OWNER_FIELD on RQ's job hash, beside RQ's own fields.
+The take reads the candidates from each queue's owner index (worker.queue_index): it ranks the
+owners with queued jobs, pops the chosen owner's oldest id and removes it from RQ's list, so its
+cost grows with the number of owners, not of queued jobs (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.utils import as_text
 
-from contracts.keys import HOURLY_KEY, QUOTA_KEY, RUNNING_KEY, USAGE_AT_KEY, USAGE_KEY
+from contracts.keys import (
+    HOURLY_KEY,
+    QUOTA_KEY,
+    RUNNING_KEY,
+    USAGE_AT_KEY,
+    USAGE_KEY,
+    queue_index_checked_key,
+    queue_index_owner_key,
+)
+from worker.queue_index import OWNER_LUA, index_job, index_keys, queue_name_of, reindex_queue
 
-# Redis keys of this module (to move into the contracts module's key table).
-OWNER_FIELD = "runyard_owner"  # a field on RQ's job hash rq:job:<id>: the job's owner, cached
 NOBODY = ""  # the owner of a job enqueued without one (by plain RQ, or before owners existed)
 
 HALF_LIFE_ENV = "RUNYARD_FAIRSHARE_HALF_LIFE"
@@ -45,6 +54,13 @@ STALE_RUNNING_S = 300
 # Between the take and RQ marking the job started is well under a second; an entry whose job is
 # queued again after this long was put back (follow-git, a janitor) and no longer runs.
 REQUEUED_AFTER_S = 30
+# One take drops at most this many stale index entries (O(1) each), and at most MAX_MISSES that
+# looked queued but were not on RQ's list (an LREM over the whole list each), then asks again.
+MAX_SKIPS = 200
+MAX_MISSES = 4
+
+# GPU hours per owner are kept this long (`runyard status --owners --window` reads at most this).
+HOURLY_KEPT_H = 7 * 24
 
 # Shared by the take and the charge: decay an owner's usage to `now` and add `extra` seconds.
 _DECAY_LUA = """
@@ -59,30 +75,59 @@ local function charge(usage_key, usage_at_key, owner, now, half_life, extra)
   redis.call('HSET', usage_key, owner, tostring(usage))
   redis.call('HSET', usage_at_key, owner, tostring(now))
 end
+local function charge_hours(usage_key, usage_at_key, hourly_key, owner, now, half_life, held)
+  charge(usage_key, usage_at_key, owner, now, half_life, held)
+  if held <= 0 then return end
+  local hour = math.floor(now / 3600)
+  local field = owner .. '\t' .. tostring(hour)
+  if redis.call('HEXISTS', hourly_key, field) == 0 then
+    -- The owner's first charge this hour: drop every owner's hours older than anyone reads.
+    for _, old in ipairs(redis.call('HKEYS', hourly_key)) do
+      local old_hour = tonumber(string.match(old, '\t(%d+)$'))
+      if old_hour and old_hour <= hour - HOURLY_KEPT_H then redis.call('HDEL', hourly_key, old) end
+    end
+  end
+  redis.call('HINCRBYFLOAT', hourly_key, field, held)
+end
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-"""
+""".replace("HOURLY_KEPT_H", str(HOURLY_KEPT_H))
 
 # rq internals this script relies on (rq 3.0): a queue is a Redis list of job ids, taken from the
 # left (RQ's LPOP); a job is the hash Job.redis_job_namespace_prefix + id, whose `status` field is
-# RQ's JobStatus and whose `meta` field is the JSON serializer's output (JSONSerializer, so Lua's
-# cjson can read the owner). Removing the id from the list is what RQ's own pop does; the worker
-# then registers the job (StartedJobRegistry, execution) as after any dequeue.
-# KEYS: the worker's queue keys in priority order, then usage, usage_at, running, quota.
-# ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s, and optionally
-# the (1-based) queue index and id of a job the caller popped with BLPOP, put back first.
-# Returns {index of the queue (1-based), job id}, or {0, jobs queued} when no job may be taken.
+# RQ's JobStatus and `origin` its queue's name. Removing the id from the list is what RQ's own pop
+# does; the worker then registers the job (StartedJobRegistry, execution) as after any dequeue.
+# The candidates come from each queue's owner index (worker.queue_index), not from RQ's list.
+# KEYS: per queue (in priority order) its key, index jobs, index owners, checked; then usage,
+# usage_at, running, quota, hourly.
+# ARGV: number of queues, half-life s, job key prefix, stale s, requeued-after s, the (1-based)
+# queue index and id of a job the caller popped with BLPOP (0 and '' for none: it goes back first),
+# then per queue its name and its owner lists' key prefix.
+# Returns {index of the queue (1-based), job id}, {0, jobs queued} when no job may be taken,
+# {-1, 0} when it dropped MAX_SKIPS stale entries (ask again) and {-2, queue index} when that
+# queue lists jobs its index lacks (reindex it, then ask again).
 TAKE_LUA = (
-    _DECAY_LUA
-    + """
+    (
+        _DECAY_LUA
+        + OWNER_LUA
+        + """
 local nq = tonumber(ARGV[1])
-local usage_key, usage_at_key, running_key, quota_key = KEYS[nq + 1], KEYS[nq + 2], KEYS[nq + 3], KEYS[nq + 4]
+local usage_key, usage_at_key = KEYS[4 * nq + 1], KEYS[4 * nq + 2]
+local running_key, quota_key, hourly_key = KEYS[4 * nq + 3], KEYS[4 * nq + 4], KEYS[4 * nq + 5]
 local half_life, prefix = tonumber(ARGV[2]), ARGV[3]
 local stale, requeued_after = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = clock()
-if ARGV[6] and ARGV[6] ~= '0' then redis.call('LPUSH', KEYS[tonumber(ARGV[6])], ARGV[7]) end
+local function queue_keys(q) return KEYS[4 * q - 3], KEYS[4 * q - 2], KEYS[4 * q - 1], KEYS[4 * q] end
+local function queue_args(q) return ARGV[6 + 2 * q], ARGV[7 + 2 * q] end
+if ARGV[6] ~= '0' then
+  local q = tonumber(ARGV[6])
+  local queue_key, jobs_key, owners_key = queue_keys(q)
+  local _, owner_prefix = queue_args(q)
+  redis.call('LPUSH', queue_key, ARGV[7])
+  index_job(jobs_key, owners_key, owner_prefix, prefix, ARGV[7], true)
+end
 
 -- Who runs what now, dropping entries of jobs that no longer run.
 local running, uncharged = {}, {}
@@ -92,8 +137,13 @@ for i = 1, #entries, 2 do
   local status = redis.call('HGET', prefix .. entries[i], 'status')
   last = tonumber(last)
   if owner == nil or last == nil or now - last > stale or status == false
-     or (status == 'queued' and now - last > requeued_after)
-     or (status ~= 'queued' and status ~= 'started') then
+     or (status == 'queued' and now - last > requeued_after) then
+    redis.call('HDEL', running_key, entries[i])
+  elseif status ~= 'queued' and status ~= 'started' then
+    -- It ended a moment ago and its worker has not charged it yet (it does just after RQ marks
+    -- the job ended): charge the owner here, or that charge finds no entry and the time since
+    -- the job's last charge (often all of a short job) would never count.
+    charge_hours(usage_key, usage_at_key, hourly_key, owner, now, half_life, math.max(0, now - last))
     redis.call('HDEL', running_key, entries[i])
   else
     running[owner] = (running[owner] or 0) + 1
@@ -101,51 +151,77 @@ for i = 1, #entries, 2 do
   end
 end
 
-local function owner_of(id)
-  local key = prefix .. id
-  -- A record that is not a hash (a teammate's tool wrote it) has no owner; taking it lets the
-  -- worker's fetch quarantine it instead of this script failing every dequeue.
-  if redis.call('TYPE', key).ok ~= 'hash' then return '' end
-  local owner = redis.call('HGET', key, 'runyard_owner')
-  if owner then return owner end
-  owner = ''
-  local meta = redis.call('HGET', key, 'meta')
-  if meta then
-    local ok, decoded = pcall(cjson.decode, meta)
-    if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
-  end
-  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'runyard_owner', owner) end
-  return owner
+-- Whether an indexed id can be taken from the queue named queue_name: it is still queued there.
+local function takeable(key, queue_name)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'none' then return false end
+  if kind ~= 'hash' then return true end
+  local status = redis.call('HGET', key, 'status')
+  local origin = redis.call('HGET', key, 'origin')
+  return (status == false or status == 'queued') and (origin == false or origin == queue_name)
 end
 
+local usage_of = {}
+local skips, misses = 0, 0
 for q = 1, nq do
-  local ids = redis.call('LRANGE', KEYS[q], 0, -1)
-  local best_id, best_owner, best_usage, best_running = nil, nil, nil, nil
-  local seen = {}
-  for _, id in ipairs(ids) do
-    local owner = owner_of(id)
-    if not seen[owner] then
-      seen[owner] = true
+  local queue_key, jobs_key, owners_key, checked_key = queue_keys(q)
+  local queue_name, owner_prefix = queue_args(q)
+  local listed = redis.call('LLEN', queue_key)
+  local indexed = redis.call('SCARD', jobs_key)
+  if listed == 0 then
+    if indexed > 0 or redis.call('EXISTS', owners_key) == 1 then  -- all stale (the queue was emptied)
+      for _, owner in ipairs(redis.call('SMEMBERS', owners_key)) do redis.call('UNLINK', owner_prefix .. owner) end
+      redis.call('UNLINK', jobs_key, owners_key)
+    end
+  else
+    local checked = redis.call('GET', checked_key)
+    if (checked == false and listed ~= indexed) or listed > indexed + tonumber(checked or '0') then
+      return {-2, q}
+    end
+    local candidates = {}
+    for _, owner in ipairs(redis.call('SMEMBERS', owners_key)) do
       local quota = redis.call('HGET', quota_key, owner)
       local held = running[owner] or 0
       if quota == false or held < tonumber(quota) then
-        local usage = decayed(usage_key, usage_at_key, owner, now, half_life) + (uncharged[owner] or 0)
-        if best_id == nil or usage < best_usage or (usage == best_usage and held < best_running) then
-          best_id, best_owner, best_usage, best_running = id, owner, usage, held
+        if usage_of[owner] == nil then
+          usage_of[owner] = decayed(usage_key, usage_at_key, owner, now, half_life) + (uncharged[owner] or 0)
         end
+        table.insert(candidates, {owner, usage_of[owner], held})
+      end
+    end
+    table.sort(candidates, function(a, b)
+      if a[2] ~= b[2] then return a[2] < b[2] end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return a[1] < b[1]
+    end)
+    for _, candidate in ipairs(candidates) do
+      local owner = candidate[1]
+      while true do
+        local id = redis.call('LPOP', owner_prefix .. owner)
+        if not id or redis.call('EXISTS', owner_prefix .. owner) == 0 then redis.call('SREM', owners_key, owner) end
+        if not id then break end
+        -- An id no longer in the index set was dropped as stale (or taken) already.
+        if redis.call('SREM', jobs_key, id) == 1 and takeable(prefix .. id, queue_name) then
+          -- LREM scans from the head; an id the list no longer holds costs a whole scan.
+          if redis.call('LREM', queue_key, 1, id) == 1 then
+            redis.call('HSET', running_key, id, owner .. '\\t' .. string.format('%.6f', now))
+            return {q, id}
+          end
+          misses = misses + 1
+        end
+        skips = skips + 1
+        if skips >= MAX_SKIPS or misses >= MAX_MISSES then return {-1, 0} end
       end
     end
   end
-  if best_id then
-    redis.call('LREM', KEYS[q], 1, best_id)
-    redis.call('HSET', running_key, best_id, best_owner .. '\\t' .. string.format('%.6f', now))
-    return {q, best_id}
-  end
 end
 local queued = 0
-for q = 1, nq do queued = queued + redis.call('LLEN', KEYS[q]) end
+for q = 1, nq do queued = queued + redis.call('LLEN', (queue_keys(q))) end
 return {0, queued}
 """
+    )
+    .replace("MAX_SKIPS", str(MAX_SKIPS))
+    .replace("MAX_MISSES", str(MAX_MISSES))
 )
 
 # KEYS: usage, usage_at, running, hourly. ARGV: job id, half-life s, 1 when the job ended (0: still runs).
@@ -159,10 +235,7 @@ if not entry then return '0' end
 local owner, last = string.match(entry, '^(.*)\\t([%d%.e%+%-]+)$')
 local now = clock()
 local held = math.max(0, now - tonumber(last or now))
-charge(usage_key, usage_at_key, owner or '', now, tonumber(ARGV[2]), held)
-if held > 0 then
-  redis.call('HINCRBYFLOAT', hourly_key, (owner or '') .. '\t' .. tostring(math.floor(now / 3600)), held)
-end
+charge_hours(usage_key, usage_at_key, hourly_key, owner or '', now, tonumber(ARGV[2]), held)
 if ARGV[3] == '1' then
   redis.call('HDEL', running_key, ARGV[1])
 else
@@ -171,6 +244,10 @@ end
 return tostring(held)
 """
 )
+
+
+_TAKE = Script(None, TAKE_LUA.encode())
+_REINDEX = -2  # the take's answer when a queue lists jobs its index lacks (-1: ask again)
 
 
 def job_owner(context: dict[str, Any] | None) -> str:
@@ -221,13 +298,27 @@ def _take(
     connection: redis.Redis, queue_keys: list[str], half_life: float | None, popped: tuple[int, str] | None
 ) -> tuple[tuple[int, str] | None, int]:
     """The take, and how many jobs stay queued when it took none."""
-    keys = [*queue_keys, USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY]
-    args = [len(queue_keys), half_life or half_life_s(), Job.redis_job_namespace_prefix, STALE_RUNNING_S]
-    args += [REQUEUED_AFTER_S, *((popped[0] + 1, popped[1]) if popped else (0, ""))]
-    index, value = connection.eval(TAKE_LUA, len(keys), *keys, *args)
-    if int(index) == 0:
-        return None, int(value)
-    return (int(index) - 1, as_text(value)), 0
+    names = [queue_name_of(key) for key in queue_keys]
+    keys = [key for key, name in zip(queue_keys, names, strict=True) for key in _queue_keys(key, name)]
+    keys += [USAGE_KEY, USAGE_AT_KEY, RUNNING_KEY, QUOTA_KEY, HOURLY_KEY]
+    base = [len(queue_keys), half_life or half_life_s(), Job.redis_job_namespace_prefix, STALE_RUNNING_S]
+    base += [REQUEUED_AFTER_S]
+    per_queue = [value for name in names for value in (name, queue_index_owner_key(name, ""))]
+    while True:
+        put_back = [popped[0] + 1, popped[1]] if popped else [0, ""]
+        code, value = _TAKE(keys=keys, args=[*base, *put_back, *per_queue], client=connection)
+        popped = None  # back on its queue (and in the index) now
+        code = int(code)
+        if code == _REINDEX:
+            reindex_queue(connection, names[int(value) - 1])
+        elif code == 0:
+            return None, int(value)
+        elif code > 0:
+            return (code - 1, as_text(value)), 0
+
+
+def _queue_keys(queue_key: str, queue_name: str) -> list[str]:
+    return [queue_key, *index_keys(queue_name), queue_index_checked_key(queue_name)]
 
 
 def charge_gpu_time(connection: redis.Redis, job_id: str, ended: bool) -> float:
@@ -277,7 +368,29 @@ class FairShareQueue(Queue):
     `dequeue_any` is the classmethod rq.Worker.dequeue_job_and_maintain_ttl calls through the
     worker's `queue_class`; overriding it leaves the rest of RQ's job life (registries, executions,
     retries) as it is. With RUNYARD_SCHEDULING=fifo it is RQ's own.
+
+    Every job RQ puts on a FairShareQueue goes through `push_job_id` (enqueue, enqueue_many, a
+    retry, a requeue, a dependent made ready), which also adds it to the queue's owner index
+    (worker.queue_index) in the same transaction; RQ's unique enqueue pushes in its own script,
+    so `_enqueue_job` indexes after it.
     """
+
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        if pipeline is not None:
+            super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
+            index_job(pipeline, self.name, job_id, at_front)
+            return
+        with self.connection.pipeline() as own:
+            super().push_job_id(job_id, pipeline=own, at_front=at_front)
+            index_job(own, self.name, job_id, at_front)
+            own.execute()
+
+    def _enqueue_job(self, job: Job, pipeline: Any = None, at_front: bool = False, unique: bool = False) -> Job:
+        # rq internal (rq 3.0 Queue._enqueue_job): the one step every enqueue and requeue takes.
+        job = super()._enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
+        if unique and self._is_async:  # pushed by RQ's save_unique_job script, not push_job_id
+            index_job(self.connection, self.name, job.id, at_front)
+        return job
 
     @classmethod
     def dequeue_any(

@@ -40,6 +40,7 @@ from rq.utils import now, parse_composite_key
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure, update_job_meta
 from contracts.keys import JANITOR_LEASE_KEY, WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
 from worker.job import AllowListedJob, RefusedPayload, quarantine
 
@@ -244,7 +245,8 @@ def _still_abandoned(
 
 def _queue_of(job: Job) -> Queue:
     """The queue `job` came from (and goes back to), on the connection it was fetched with."""
-    return Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
+    # A FairShareQueue: the requeue also puts the job in its owner index (worker.queue_index).
+    return FairShareQueue(job.origin, connection=job.connection, serializer=JSONSerializer)
 
 
 def _requeue_or_fail(

@@ -21,6 +21,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from worker.connection import RedisUnavailable, connect, mask_url, patient_connection
+from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def restore_popped_job(connection: redis.Redis, job: Job, queue: Queue) -> None:
         if status and status.decode() == JobStatus.QUEUED and connection.lpos(queue.key, job.id) is None:
             registry = StartedJobRegistry(queue.name, connection=connection)
             if not any(entry.decode().startswith(f"{job.id}:") for entry in connection.zrange(registry.key, 0, -1)):
-                connection.lpush(queue.key, job.id)
+                FairShareQueue(queue.name, connection=connection).push_job_id(job.id, at_front=True)  # indexed too
                 log.info("put job %s back on %s: it was dequeued when Redis went away", job.id, queue.name)
     except REDIS_ERRORS:
         pass

@@ -5,20 +5,34 @@ serving that queue is idle, and the job's owner is below their quota, one Preemp
 lock) picks a victim among the jobs running on workers that serve the queue:
 - only jobs of lower priority in the same pool (`high` preempts `default` and `low`;
   `pool-high` preempts `pool` and `pool-low`), lowest priority first;
-- then the one that loses the least work: the shortest time since its last checkpoint;
+- then the cheapest: stopping at a step, the one with the shortest time since its last
+  checkpoint (the least training re-done); stopping at its epoch boundary, the one whose epoch
+  ends soonest (the shortest wait);
 - never one published with `--no-preempt`, nor one on a queue with preemption turned off
   (`runyard preemption off QUEUE`), nor one preempted before that has not trained another epoch.
 
-The victim is asked through PREEMPT_KEY (worker.control reads it at the next step boundary, like a
-cancel). It then takes the same path as a warm shutdown: its checkpoint stays, it goes back to the
-front of its queue with `preempted_by` in its meta, and its worker, now free, takes the `high`
-job. The partial epoch is re-done on resume (step boundary, not epoch boundary: see BENCHMARKS.md).
+Where the victim stops is RUNYARD_PREEMPT_AT (set it alike on every worker; the deciding
+Preemptor's counts):
+- `step`: at its next optimizer step. The `high` job waits ~1-2 s plus the victim's wind-down
+  whatever the epoch length; the victim re-does the part of the epoch it had trained.
+- `epoch`: at its next epoch boundary. Nothing is re-done; the `high` job waits for the rest of
+  the victim's epoch (up to a whole one).
+- `auto` (the default): the epoch boundary when the victim's epoch will end within
+  RUNYARD_PREEMPT_AUTO_WAIT seconds (default 60; estimated from its last epoch's length and the
+  time since that epoch's checkpoint), else the next step. A first epoch has no estimate: step.
+BENCHMARKS.md has the three side by side. The choice is the request's `stop_at`.
+
+The victim is asked through PREEMPT_KEY (worker.control reads it at step and epoch boundaries,
+like a cancel). It then takes the same path as a warm shutdown: its checkpoint stays, it goes
+back to the front of its queue with `preempted_by` in its meta, and its worker, now free, takes
+the `high` job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,8 +45,10 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
 from contracts.keys import PREEMPT_FOR_PREFIX, PREEMPT_LOCK_KEY, PREEMPT_OFF_KEY, PREEMPT_PREFIX, QUOTA_KEY
+from trainer.interrupt import EPOCH_BOUNDARY, STEP_BOUNDARY
 from worker.fair_share import running_entries
 from worker.heartbeat import REDIS_ERRORS
+from worker.queue_index import OWNER_FIELD
 
 # Redis keys of this module (to move into the contracts module's key table).
 
@@ -45,7 +61,32 @@ PREEMPTED_FOR_TTL_S = 60
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
 
+PREEMPT_AT_ENV = "RUNYARD_PREEMPT_AT"  # step | epoch | auto (default)
+AUTO_WAIT_ENV = "RUNYARD_PREEMPT_AUTO_WAIT"  # seconds: auto waits for an epoch boundary this close
+DEFAULT_AUTO_WAIT_S = 60.0
+EPOCH_REQUEST_TTL_S = 2 * 24 * 3600  # an epoch-boundary request waits as long as an epoch takes
+
 log = logging.getLogger("runyard.preemption")
+
+
+def preempt_at() -> str:
+    """RUNYARD_PREEMPT_AT: where a victim stops (step, epoch or auto, the default)."""
+    mode = os.environ.get(PREEMPT_AT_ENV, "").strip().lower() or "auto"
+    if mode not in ("step", "epoch", "auto"):
+        raise ValueError(f"{PREEMPT_AT_ENV}={mode!r} is not one of: step, epoch, auto")
+    return mode
+
+
+def auto_wait_s() -> float:
+    """RUNYARD_PREEMPT_AUTO_WAIT in seconds (default 60)."""
+    text = os.environ.get(AUTO_WAIT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_AUTO_WAIT_S
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ValueError(f"{AUTO_WAIT_ENV}={text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def preempt_key(job_id: str) -> str:
@@ -100,6 +141,20 @@ class Candidate:
     worker: str
     rank: int  # its priority: lower goes first
     work_lost_s: float  # time since its last checkpoint (or start)
+    epoch_left_s: float | None = None  # until its epoch ends, from its last epoch's length (None: no estimate)
+
+    def stop_at(self, mode: str, wait_s: float) -> str:
+        """Where this job stops under RUNYARD_PREEMPT_AT `mode` (auto: the boundary when within `wait_s`)."""
+        if mode == "auto":
+            close = self.epoch_left_s is not None and self.epoch_left_s <= wait_s
+            return EPOCH_BOUNDARY if close else STEP_BOUNDARY
+        return EPOCH_BOUNDARY if mode == "epoch" else STEP_BOUNDARY
+
+    def cost(self, mode: str, wait_s: float) -> tuple[int, float]:
+        """What stopping it costs: epoch-boundary stops (by wait) before step stops (by work re-done)."""
+        if self.stop_at(mode, wait_s) == EPOCH_BOUNDARY:
+            return (0, self.epoch_left_s if self.epoch_left_s is not None else float("inf"))
+        return (1, self.work_lost_s)
 
 
 def preemption_candidates(connection: redis.Redis, high_queue: str, workers: list[Worker]) -> list[Candidate]:
@@ -125,13 +180,16 @@ def preemption_candidates(connection: redis.Redis, high_queue: str, workers: lis
         started = job.started_at.timestamp() if job.started_at else now
         checkpoint_at = max(float(job.meta.get("checkpoint_at") or 0), started)
         rank = PRIORITY_RANK[queue_priority(job.origin)[1]]
-        candidates.append(Candidate(job_id, job.origin, worker.name, rank, max(0.0, now - checkpoint_at)))
-    return sorted(candidates, key=lambda candidate: (candidate.rank, candidate.work_lost_s))
+        epoch_s = (job.meta.get("progress") or {}).get("seconds")
+        left = max(0.0, float(epoch_s) - (now - checkpoint_at)) if epoch_s and job.meta.get("checkpoint_at") else None
+        candidates.append(Candidate(job_id, job.origin, worker.name, rank, max(0.0, now - checkpoint_at), left))
+    mode, wait = preempt_at(), auto_wait_s()
+    return sorted(candidates, key=lambda candidate: (candidate.rank, candidate.cost(mode, wait)))
 
 
 def _owner_has_room(connection: redis.Redis, job_id: str) -> bool:
     """Whether the queued job's owner could start another job now (quota)."""
-    owner = connection.hget(Job.key_for(job_id), "runyard_owner")
+    owner = connection.hget(Job.key_for(job_id), OWNER_FIELD)
     owner = as_text(owner) if owner is not None else ""
     cap = connection.hget(QUOTA_KEY, owner)
     if cap is None:
@@ -163,16 +221,31 @@ def preempt_for(connection: redis.Redis, high_queue: str) -> str | None:
     if not candidates:
         return None
     victim = candidates[0]
-    request = {"by": waiting[0], "queue": high_queue, "at": time.time(), "work_lost_s": round(victim.work_lost_s, 1)}
-    if not connection.set(preempt_key(victim.job_id), json.dumps(request), nx=True, ex=REQUEST_TTL_S):
+    stop_at = victim.stop_at(preempt_at(), auto_wait_s())
+    request = {
+        "by": waiting[0],
+        "queue": high_queue,
+        "at": time.time(),
+        "work_lost_s": round(victim.work_lost_s, 1),
+        "stop_at": stop_at,
+        "epoch_left_s": None if victim.epoch_left_s is None else round(victim.epoch_left_s, 1),
+    }
+    at_epoch = stop_at == EPOCH_BOUNDARY
+    ttl = EPOCH_REQUEST_TTL_S if at_epoch else REQUEST_TTL_S
+    if not connection.set(preempt_key(victim.job_id), json.dumps(request), nx=True, ex=ttl):
         return None
-    connection.set(f"{PREEMPT_FOR_PREFIX}{waiting[0]}", victim.job_id, ex=PREEMPTED_FOR_TTL_S)
+    # The high job waits for this victim (for its epoch to end, at the boundary) before another is asked.
+    held_off = PREEMPTED_FOR_TTL_S
+    if at_epoch:
+        held_off += EPOCH_REQUEST_TTL_S if victim.epoch_left_s is None else victim.epoch_left_s
+    connection.set(f"{PREEMPT_FOR_PREFIX}{waiting[0]}", victim.job_id, ex=int(held_off) + 1)
     log.info(
-        "preempting job %s on %s (%s, %.0f s since its checkpoint) for %s job %s",
+        "preempting job %s on %s (%s, %.0f s since its checkpoint) at its next %s for %s job %s",
         victim.job_id,
         victim.worker,
         victim.queue,
         victim.work_lost_s,
+        stop_at,
         high_queue,
         waiting[0],
     )
@@ -215,8 +288,11 @@ class Preemptor(threading.Thread):
 def record_preemption(job: Job, after_epoch: int) -> None:
     """In the preempted job's horse: note who took its GPU in its meta and drop the request."""
     request = preemption_request(job.connection, job.id) or {}
+    # worker.control noted where it stopped: the training of the partial epoch thrown away (0 at an
+    # epoch boundary) and the attempt's set-up (paid again when it resumes), apart.
+    stop = job.meta.pop("preempt_stop", None) or {}
     started = job.started_at.timestamp() if job.started_at else time.time()
-    redone_s = time.time() - max(float(job.meta.get("checkpoint_at") or 0), started)
+    since_checkpoint = time.time() - max(float(job.meta.get("checkpoint_at") or 0), started)
     entry = {
         "by": request.get("by"),
         "queue": request.get("queue"),
@@ -224,7 +300,10 @@ def record_preemption(job: Job, after_epoch: int) -> None:
         "at": time.time(),
         "after_epoch": after_epoch,
         "worker": job.worker_name,
-        "work_lost_s": round(redone_s, 1),  # trained since the checkpoint it resumes from: re-done
+        "stop_at": stop.get("boundary", request.get("stop_at")),
+        "work_redone_s": round(float(stop.get("redone_s", since_checkpoint)), 2),  # training thrown away
+        "setup_s": None if stop.get("setup_s") is None else round(float(stop["setup_s"]), 2),
+        "work_lost_s": round(since_checkpoint, 1),  # since the checkpoint it resumes from (set-up included)
     }
     job.meta["preempted_by"] = request.get("by")
     job.meta["preempted_after_epoch"] = after_epoch

@@ -100,7 +100,7 @@ def check_resume(ctx: Context) -> dict[str, Any]:
     straight = train(spec("straight"))
     finished = {"epochs": 0, "asked": 0}
 
-    def stop_in_epoch_2() -> str | None:
+    def stop_in_epoch_2(**_where) -> str | None:
         if finished["epochs"] >= 1:
             finished["asked"] += 1
             return SHUTDOWN if finished["asked"] == 3 else None
