@@ -37,9 +37,9 @@ from rq.serializers import JSONSerializer  # noqa: E402
 
 from benchmarks.servers import start_redis, start_worker_process, worker_env  # noqa: E402
 from contracts.keys import heartbeat_key  # noqa: E402
+from contracts.spec import load_spec  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
-from trainer.spec import load_spec  # noqa: E402
 
 EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO epoch (\d+)/(\d+) ")
 ATTEMPT_LINE = re.compile(r"^(\S+ \S+) INFO run \S+: ")  # an attempt starts training (after its setup)

@@ -39,9 +39,9 @@ import redis  # noqa: E402
 from rq.job import Job, JobStatus  # noqa: E402
 
 from benchmarks.servers import start_redis  # noqa: E402
+from contracts.spec import load_spec  # noqa: E402
 from publisher.queue import publish_context, publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
-from trainer.spec import load_spec  # noqa: E402
 from worker.heartbeat import heartbeat_key  # noqa: E402
 from worker.preemption import set_queue_preemption  # noqa: E402
 

@@ -69,9 +69,9 @@ def main() -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
 
+    from contracts.spec import load_spec
     from runyard.demo import DEMO_IMAGE_SIZE, DEMO_PROFILES
     from trainer.demo_data import make_demo_dataset
-    from trainer.spec import load_spec
     from trainer.train import train
 
     if args.threads:

@@ -38,9 +38,9 @@ import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
 from benchmarks.servers import start_redis, start_worker_process, wait_until, worker_env  # noqa: E402
+from contracts.spec import load_spec  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
-from trainer.spec import load_spec  # noqa: E402
 
 GOAL_MS = 100
 

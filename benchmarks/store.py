@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.servers import kill_worker, start_redis, start_worker_process  # noqa: E402
+from contracts.spec import load_spec  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
-from trainer.spec import load_spec  # noqa: E402
 from trainer.train import train  # noqa: E402
 
 MOTO_KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}

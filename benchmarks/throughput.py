@@ -76,8 +76,8 @@ def main() -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
 
+    from contracts.spec import load_spec
     from trainer.demo_data import make_demo_dataset
-    from trainer.spec import load_spec
     from trainer.train import Trainer
 
     preset = PRESETS[args.preset]

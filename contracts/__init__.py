@@ -6,8 +6,9 @@
 - `contracts.epoch_report`: what one epoch of training reports (`EpochReport`).
 - `contracts.plugins`: the names of the plug-ins a spec may ask for (losses, optimizers,
   schedulers, augmentations, search methods, pruners), each checked against its factory by a test.
+- `contracts.spec`: the experiment spec (`ExperimentSpec`) every command validates and a worker
+  trains, with `contracts.loss_formula`, the grammar of `--loss` formulas.
+- `contracts.search_payload`: the `search` argument of a search point's job (`SearchPayload`).
 
-The experiment spec itself still lives in `trainer/spec.py`, and the search payload in
-`worker/search_trial.py`; moving them here is the next step of this redesign. Modules here
-import only the standard library and pydantic.
+Modules here import only the standard library and pydantic.
 """

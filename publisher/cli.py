@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
+from contracts.spec import ExperimentSpec, SpecError, load_spec
 from publisher.cancel import cancel_job, find_jobs
 from publisher.options import given_options, merge, read_spec_file, spec_options
 from publisher.queue import DEFAULT_RETRIES, JOB_TIMEOUT_S, publish_context, publish_experiment, rq_queue_name
@@ -30,7 +31,6 @@ from publisher.search_status import (
 )
 from publisher.sharing import preempted_table, print_owner_status, queued_table
 from publisher.status import collect_status
-from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.connection import RedisUnavailable, connect
 from worker.fair_share import HOURLY_KEPT_H
 from worker.quotas import QuotaError

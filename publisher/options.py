@@ -17,8 +17,8 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from contracts.spec import ExperimentSpec, SpecError
 from publisher.yaml_file import YamlFileError, read_yaml_file
-from trainer.spec import ExperimentSpec, SpecError
 
 
 def iter_fields(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:

@@ -12,8 +12,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, update_job_meta
+from contracts.spec import ExperimentSpec, current_host, current_user
 from publisher.run_index import index_run_jobs
-from trainer.spec import ExperimentSpec, current_host, current_user
 from worker.code_version import git_state
 from worker.fair_share import FairShareQueue, job_owner
 from worker.jobs import RUN_EXPERIMENT

@@ -11,7 +11,7 @@ from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
 from publisher.sharing import wait_reasons
-from worker.job import refused_records
+from worker.allow_listed_job import refused_records
 from worker.results import leaderboard
 
 LISTED_PER_STATE = 20

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from contracts.spec import parse_size
 from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
 from publisher.sharing_cli import preemption_command, quota_group
 from runyard import __version__
@@ -17,7 +18,6 @@ from runyard.infer_cli import infer_command
 from runyard.store_cli import gc_command, pull_command, runs_command
 from runyard.train_cli import train_command
 from schedule_search.cli import compare_command, schedule_search_command
-from trainer.spec import parse_size
 from worker.cli import janitor_command, worker_command
 from worker.connection import RedisUnavailable, embedded_server, mask_url, redis_url
 from worker.embedded import EmbeddedRedisError

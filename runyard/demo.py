@@ -21,10 +21,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rq.job import Job, JobStatus
 
 from contracts.job_meta import read_job_meta
+from contracts.spec import ExperimentSpec
 from publisher.cli import connect_or_fail, console, leaderboard_table
 from publisher.queue import publish_experiment
 from trainer.paths import runyard_home
-from trainer.spec import ExperimentSpec
 from worker.results import get_run
 
 DEMO_QUEUE = "demo"

@@ -12,9 +12,9 @@ import sys
 
 import click
 
+from contracts.spec import SpecError
 from publisher.cli import CONTEXT, build_spec, fail
 from publisher.options import spec_options
-from trainer.spec import SpecError
 
 
 @click.command("train", context_settings=CONTEXT)

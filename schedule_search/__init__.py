@@ -3,5 +3,5 @@
 config (the file) -> parameters (each searched field) -> search (expand: grid, random, bayes
 slots; kfold fan-out) -> publish (atomic claims in Redis, pipelined enqueue). The worker's side
 of a point (pruner, bayes sampling, records) is worker.search_trial; k-fold aggregates run
-worker.kfold.
+worker.fold_aggregate.
 """

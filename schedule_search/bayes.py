@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from contracts.search_payload import BayesSettings
 from schedule_search.parameters import Parameter, ParameterError
-from worker.search_trial import BayesSettings
 
 MAX_STARTUP_TRIALS = 10  # Optuna's default; fewer for small searches so TPE gets to work
 

@@ -30,11 +30,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contracts.plugins import EARLY_TERMINATE_TYPES, PROMOTERS, SEARCH_METHODS, SearchMethodName
+from contracts.search_payload import EarlyTerminate, Metric
+from contracts.spec import MAX_ERROR_LINES, NAME_PATTERN, SpecError, capped_lines, field_names
 from publisher.options import merge, read_spec_file
 from publisher.yaml_file import YamlFileError, read_yaml_file
 from schedule_search.parameters import Parameter
-from trainer.spec import MAX_ERROR_LINES, NAME_PATTERN, SpecError, capped_lines, field_names
-from worker.search_trial import EarlyTerminate, Metric
 
 SEARCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IGNORED_WANDB_KEYS = ("program", "command")

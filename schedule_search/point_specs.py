@@ -6,7 +6,7 @@ fields as the spec dumps them, or its error. A point's payload is the first poin
 its values' fields put in, and its id is the spec hash of that payload (`ExperimentSpec.spec_hash`
 made from cached JSON pieces). This is the full validation's answer because every field validator
 of the spec reads its own field only, and the spec's cross-field checks read only the fields of
-trainer.spec.CROSS_FIELD_CHECKS: parameters on those fields (or on one nested block, such as
+contracts.spec.CROSS_FIELD_CHECKS: parameters on those fields (or on one nested block, such as
 kfold.k and kfold.fold) are checked together, per distinct combination. A value that changes a
 field other than its own makes the rest of the search fall back to a full validation per point
 (as does a first point that fails: its errors are reported point by point).
@@ -19,9 +19,9 @@ import hashlib
 import json
 from typing import Any
 
+from contracts.spec import CROSS_FIELD_CHECKS, NON_RESULT_FIELDS, SpecError, load_spec
 from publisher.options import merge
 from schedule_search.config import nest
-from trainer.spec import CROSS_FIELD_CHECKS, NON_RESULT_FIELDS, SpecError, load_spec
 
 
 class PointSpecs:

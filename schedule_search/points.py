@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from contracts.spec import NON_RESULT_FIELDS, ExperimentSpec, SpecError, load_spec
 from schedule_search.config import SearchError, prefixed
 from schedule_search.point_specs import PointSpecs
-from trainer.spec import NON_RESULT_FIELDS, ExperimentSpec, SpecError, load_spec
 
 REPORTED_ERRORS = 5  # bad points listed in one error; the rest are counted
 

@@ -25,6 +25,7 @@ from rq.job import Dependency, Job
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES
 from contracts.keys import RUN_KEY_PREFIX, RUN_NAMES_KEY, search_key, search_points_key
+from contracts.spec import ExperimentSpec
 from publisher.job_batch import JobBatch, json_bytes
 from publisher.queue import (
     DEFAULT_RETRIES,
@@ -39,7 +40,6 @@ from publisher.run_index import index_run_jobs
 from schedule_search.methods import keeps_space
 from schedule_search.points import Point
 from schedule_search.search import Search
-from trainer.spec import ExperimentSpec
 from worker.asha import recover_promotions
 from worker.fair_share import job_owner
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT

@@ -16,6 +16,8 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 
 from contracts.keys import optuna_study_prefix
+from contracts.search_payload import AshaSettings, Metric, SearchPayload, StudySettings
+from contracts.spec import SpecError, load_spec
 from publisher.options import merge
 from schedule_search.config import (
     SearchConfig,
@@ -28,14 +30,11 @@ from schedule_search.config import (
     prefixed,
     read_search_file,
 )
-from schedule_search.kfold import fan_out
+from schedule_search.fold_fan_out import fan_out
 from schedule_search.methods import METHODS, Expansion, get_method
 from schedule_search.methods.asha import PROMOTERS
 from schedule_search.parameters import Parameter, ParameterError
 from schedule_search.points import Point, SearchPoints
-from trainer.spec import SpecError, load_spec
-from worker.asha import AshaSettings
-from worker.search_trial import Metric, SearchPayload, StudySettings
 
 
 @dataclass

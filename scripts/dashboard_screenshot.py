@@ -20,10 +20,10 @@ from pathlib import Path
 
 import redis
 
+from contracts.spec import ExperimentSpec
 from publisher.queue import publish_experiment
 from runyard.dashboard import HEADLESS_CHROMIUM_FLAGS
 from trainer.demo_data import make_demo_dataset
-from trainer.spec import ExperimentSpec
 from worker.embedded import EmbeddedRedis
 
 BIN = Path(sys.executable).parent

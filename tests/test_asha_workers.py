@@ -20,9 +20,9 @@ import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from tests.helpers import isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for, write_search
 from trainer.checkpoint import checkpoint_path, load_checkpoint
-from trainer.spec import load_spec
 from trainer.train import train
 from worker.asha import asha_runs
 from worker.results import get_run

@@ -14,12 +14,12 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from contracts.spec import load_spec
 from tests.helpers import tiny_spec
 from trainer import augment
 from trainer.image_cache import decode
 from trainer.loaders import build_loaders, load_samples
 from trainer.mixing import BatchMixer, cutmix
-from trainer.spec import load_spec
 
 SIZE = (64, 48)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

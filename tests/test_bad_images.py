@@ -18,11 +18,11 @@ import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from tests.helpers import BIN, isolated_env, run_cli, tiny_spec
 from trainer.data import DataError, UnreadableImage
 from trainer.image_cache import decode
 from trainer.loaders import build_loaders, load_samples
-from trainer.spec import load_spec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

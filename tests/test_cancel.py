@@ -15,10 +15,10 @@ import torch
 from rq import Queue
 from rq.job import Job, JobStatus
 
+from contracts.spec import load_spec
 from publisher.cancel import find_jobs
 from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for
-from trainer.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

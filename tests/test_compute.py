@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from contracts.spec import SpecError, load_spec
 from tests.helpers import run_cli, tiny_spec
 from trainer import compute, cores
 from trainer.compute import ComputePlan, plan_compute, prepare_model
-from trainer.spec import SpecError, load_spec
 from trainer.train import Trainer
 from worker.cli import worker_slots
 
@@ -135,7 +135,7 @@ def test_without_omp_num_threads_a_cpu_run_uses_the_cores_its_loader_workers_lea
 
 DENORMAL_PROBE = """
 import json, sys, torch
-from trainer.spec import load_spec
+from contracts.spec import load_spec
 from trainer.train import Trainer
 probe = lambda: float(torch.tensor([1e-39]) * 2)  # a float32 denormal, kept unless flushed
 before = probe()

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from contracts.job_meta import read_job_meta, set_failure, update_job_meta
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from publisher.status import collect_status
 from tests.helpers import tiny_spec
-from trainer.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trainer", "worker", "publisher", "schedule_search", "runyard")

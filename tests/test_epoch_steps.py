@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from contracts.epoch_report import EpochReport
+from contracts.spec import load_spec
 from trainer import checkpoint
 from trainer.checkpoint import Progress, TrainingState
 from trainer.epoch_steps import (
@@ -29,7 +30,6 @@ from trainer.epoch_steps import (
     start_metrics_csv,
 )
 from trainer.final_steps import DescribeRun, FinishedRun, SavePictures, WriteResultFile, WriteSubmission
-from trainer.spec import load_spec
 from trainer.store import open_store
 from trainer.store_sync import StoreSync
 from trainer.tracking import WandbTracker

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from contracts.spec import load_spec
 from tests.helpers import tiny_spec, wait_for
 from trainer import image_cache
 from trainer.augment import Prefix
 from trainer.image_cache import ImageStore, open_disk_store, open_store
 from trainer.loaders import build_loaders, load_samples
-from trainer.spec import load_spec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 PREFIX = Prefix((32, 24))

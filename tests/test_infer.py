@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision.io import decode_image
 
+from contracts.spec import load_spec
 from runyard.infer_cli import infer_command
 from tests.helpers import isolated_env, make_image_folder, run_cli, tiny_spec
 from trainer.infer import (
@@ -29,7 +30,6 @@ from trainer.infer import (
     read_eval_dir,
     vote,
 )
-from trainer.spec import load_spec
 from trainer.train import train
 
 

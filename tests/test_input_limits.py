@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from contracts.loss_formula import format_loss, parse_loss
+from contracts.spec import LOSSES, MAX_ERROR_LINES, SpecError, load_spec
 from publisher.yaml_file import MAX_BYTES, YamlFileError, read_yaml_file
 from tests.helpers import isolated_env, run_cli, tiny_spec
-from trainer.loss_formula import format_loss, parse_loss
-from trainer.spec import LOSSES, MAX_ERROR_LINES, SpecError, load_spec
 
 BILLION_LAUGHS = "\n".join(
     ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -152,7 +152,7 @@ ACCEPTED_FORMULAS = [
 
 
 def _canonical(name: str) -> str:
-    from trainer.spec import _canonical_choice
+    from contracts.spec import _canonical_choice
 
     return _canonical_choice("loss", name, LOSSES)
 

@@ -16,11 +16,11 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from contracts.keys import WORKERS_KEY, heartbeat_key, requeue_counter_key
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import run_cli, tiny_spec, wait_for
-from trainer.spec import load_spec
+from worker.allow_listed_job import AllowListedJob
 from worker.janitor import LEASE_KEY, Janitor, lease_ttl_ms, requeue_abandoned, requeue_job
-from worker.job import AllowListedJob
 from worker.rq_worker import RunyardWorker
 
 

@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
+from contracts.spec import SpecError, load_spec
 from trainer.data import DataError, profile_group, scan_image_folder, scan_mask_dataset
-from trainer.kfold import fold_assignments, kfold_split
+from trainer.folds import fold_assignments, kfold_split
 from trainer.loaders import split_samples
-from trainer.spec import SpecError, load_spec
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.spec import SpecError
 from tests.helpers import tiny_spec
-from trainer.spec import SpecError
-from worker.kfold import FoldsMissing, aggregate
+from worker.fold_aggregate import FoldsMissing, aggregate
 from worker.results import get_run, leaderboard, record_run
 
 FOLD_F1 = [0.5, 0.7, 0.6]

@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from contracts.spec import SpecError, load_spec
 from trainer.heads import (
     MultiHeadModel,
     class_probabilities,
@@ -24,7 +25,6 @@ from trainer.losses import (
     create_loss,
     inverse_frequency_weights,
 )
-from trainer.spec import SpecError, load_spec
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, tiny_spec
 from tests.wandb_records import find_run_file, summarize_run
-from trainer.spec import load_spec
 
 
 @dataclass

@@ -24,10 +24,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from contracts.keys import REFUSED_KEY
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, tiny_spec
-from trainer.spec import load_spec
-from worker.job import refused_records
+from worker.allow_listed_job import refused_records
 from worker.jobs import RUN_EXPERIMENT
 
 WANDB_KEY = "local-" + "5ecret" * 8  # in the worker's environment only

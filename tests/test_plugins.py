@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contracts import plugins
-from trainer import augment, losses, optim, spec
-from trainer.spec import ExperimentSpec
+from contracts import plugins, spec
+from contracts.spec import ExperimentSpec
+from trainer import augment, losses, optim
 
 
 def test_loss_names_are_the_loss_factories():

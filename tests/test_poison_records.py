@@ -21,11 +21,11 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, run_cli, tiny_spec
-from trainer.spec import load_spec
+from worker.allow_listed_job import REFUSED_KEY, refused_records
 from worker.heartbeat import WORKERS_KEY
-from worker.job import REFUSED_KEY, refused_records
 from worker.jobs import RUN_EXPERIMENT
 from worker.rq_worker import RunyardWorker
 

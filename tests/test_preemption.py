@@ -18,9 +18,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from contracts.spec import load_spec
 from tests.helpers import tiny_spec
 from trainer.interrupt import PREEMPTED, TrainingInterrupted
-from trainer.spec import load_spec
 from trainer.train import train
 from worker.control import JobControl
 from worker.preemption import (

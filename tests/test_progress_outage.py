@@ -20,9 +20,9 @@ import pytest
 import redis
 from rq.job import Job
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, start_redis_server, start_worker, tiny_spec, wait_for
-from trainer.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

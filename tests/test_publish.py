@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from contracts.spec import ExperimentSpec
 from publisher.cli import publish_command
 from publisher.options import iter_fields, option_name
-from trainer.spec import ExperimentSpec
 from worker.jobs import RUN_EXPERIMENT
 
 

@@ -24,9 +24,9 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import BIN, isolated_env, start_redis_server, tiny_spec, wait_for
-from trainer.spec import load_spec
 from worker.logs import MaskingFormatter
 from worker.outage import wait_for_redis
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from contracts.spec import SpecError, load_spec
 from trainer.data import MASK_STATES, DataError, decode_label, scan_mask_dataset
 from trainer.loaders import load_samples
 from trainer.relabel import corrections_file, load_corrections, read_corrections
-from trainer.spec import SpecError, load_spec
 
 # The profiles of the shipped corrections, as the competition's folders label them, plus bystanders.
 FOLDERS = [

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from contracts.spec import load_spec
 from tests.helpers import tiny_spec
 from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.interrupt import SHUTDOWN, TrainingInterrupted
-from trainer.spec import load_spec
 from trainer.train import Trainer, train
 
 EPOCHS = 2

@@ -25,10 +25,10 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from runyard.dashboard import HEADLESS_CHROMIUM_FLAGS
 from tests.helpers import BIN, isolated_env, start_redis_server, tiny_spec
-from trainer.spec import load_spec
 from worker.jobs import RUN_EXPERIMENT
 
 PASSWORD = "s3cret-redis"

@@ -14,9 +14,9 @@ import redis
 from rq.job import Job, JobStatus
 
 from contracts.keys import RUNNING_KEY
+from contracts.spec import load_spec
 from publisher.queue import publish_context, publish_experiment
 from tests.helpers import isolated_env, kill_worker, start_worker, tiny_spec, wait_for
-from trainer.spec import load_spec
 from worker.quotas import set_quota
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

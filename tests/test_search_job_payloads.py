@@ -11,12 +11,12 @@ import yaml
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.search_payload import SearchPayload
 from publisher.queue import job_options
 from schedule_search.publish import publish_search
 from schedule_search.search import Search, load_search
 from tests.helpers import write_search
 from worker.fair_share import job_owner
-from worker.search_trial import SearchPayload
 
 CONTEXT = {"user": "u", "owner": "team-a", "host": "h", "published_at": 1.0}
 

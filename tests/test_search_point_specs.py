@@ -10,6 +10,7 @@ import yaml
 
 import schedule_search.publish as publish_module
 from contracts.keys import RUN_JOBS_KEY, search_points_key
+from contracts.spec import CROSS_FIELD_CHECKS, ExperimentSpec, load_spec
 from publisher.options import merge
 from schedule_search.config import SearchError, nest
 from schedule_search.point_specs import PointSpecs
@@ -17,7 +18,6 @@ from schedule_search.points import SearchPoints
 from schedule_search.publish import CHUNK, publish_search
 from schedule_search.search import load_search
 from tests.helpers import tiny_spec, write_search
-from trainer.spec import CROSS_FIELD_CHECKS, ExperimentSpec, load_spec
 
 # Independent fields (float, int, a string parsed by a validator, a choice) beside fields checked
 # together: two leaves of one nested block, and the fields of the spec's cross-field checks.

@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from contracts.keys import optuna_study_prefix as study_prefix
-from trainer.spec import SpecError
+from contracts.spec import SpecError
 from trainer.train import EpochReport
 from worker.search_trial import SearchTrial, parse_payload, search_fields
 

@@ -13,10 +13,10 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contracts.spec import load_spec
 from publisher.queue import publish_context, publish_experiment
 from publisher.sharing import wait_reasons
 from tests.helpers import isolated_env, run_cli, tiny_spec, write_search
-from trainer.spec import load_spec
 from worker.fair_share import charge_gpu_time, take_job_id
 from worker.quotas import set_quota
 

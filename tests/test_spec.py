@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from trainer.spec import ExperimentSpec, SpecError, load_spec, timm_model_names
+from contracts.spec import ExperimentSpec, SpecError, load_spec, timm_model_names
 
 
 def test_defaults_are_the_seed_pipelines():
@@ -85,5 +85,5 @@ def test_payload_round_trips_through_json():
 def test_shipped_timm_names_match_the_installed_timm():
     timm = pytest.importorskip("timm")
     assert timm_model_names() == frozenset(timm.list_models()), (
-        "trainer/timm_models.txt is stale: run `python -m trainer.models --write-names`"
+        "contracts/timm_models.txt is stale: run `python -m trainer.models --write-names`"
     )

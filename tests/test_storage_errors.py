@@ -17,9 +17,9 @@ import redis
 import torch
 from rq.job import JobStatus
 
+from contracts.spec import load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import isolated_env, tiny_spec
-from trainer.spec import load_spec
 from trainer.train import save_atomic
 from worker.jobs import storage_problem
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
+from contracts.spec import load_spec
 from tests.helpers import isolated_env, kill_worker, run_cli, start_worker, tiny_spec, wait_for
-from trainer.spec import load_spec
 from trainer.store import StoreError, display_url, open_store
 from trainer.store_sync import StoreSync
 from trainer.train import train
@@ -369,7 +369,7 @@ def test_the_k_fold_ensemble_reads_folds_trained_on_two_boxes_from_the_store(
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from worker.kfold import aggregate
+    from worker.fold_aggregate import aggregate
     from worker.results import record_run
 
     (tmp_path / "shared").mkdir()

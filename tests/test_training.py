@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
+from contracts.spec import load_spec
 from tests.helpers import make_image_folder, tiny_spec
 from tests.wandb_records import find_run_file, read_records
 from trainer.data import decode_label
 from trainer.heads import MultiHeadModel
 from trainer.losses import F1Loss, FocalLoss, WeightedSum
-from trainer.spec import load_spec
 from trainer.train import Trainer, train
 
 

@@ -19,13 +19,13 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from contracts.keys import refused_job_key, requeue_counter_key
+from contracts.spec import SpecError, load_spec
 from publisher.queue import publish_experiment
 from tests.helpers import tiny_spec
 from tests.test_gpu import GIB, FakeNvml
-from trainer.spec import SpecError, load_spec
+from worker.allow_listed_job import AllowListedJob
 from worker.dequeue_policy import FollowGit, GpuPoliteness, Quarantine, dequeue
 from worker.gpu import GpuCheck
-from worker.job import AllowListedJob
 from worker.outage import OutageWatch, recover_after_outage, restore_popped_job
 from worker.rq_worker import RunyardWorker
 

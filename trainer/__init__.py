@@ -1,5 +1,5 @@
-"""Pure PyTorch side of runyard: spec, data, augmentation, models, losses, training, inference.
+"""Pure PyTorch side of runyard: data, augmentation, models, losses, training, inference.
 
-Importing this package is cheap; modules that need torch import it themselves, so the publisher
-can use `trainer.spec` on a box without torch.
+What it trains is a contracts.spec.ExperimentSpec. Importing this package is cheap; modules that
+need torch import it themselves.
 """

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contracts.spec import ExperimentSpec
 from trainer import cores
-from trainer.spec import ExperimentSpec
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import torch
 
+from contracts.spec import ExperimentSpec
 from trainer.checkpoint import Progress
 from trainer.pictures import save_run_pictures
-from trainer.spec import ExperimentSpec
 
 log = logging.getLogger("runyard.trainer")
 

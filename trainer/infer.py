@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from contracts.spec import KFold, SpecError, load_spec
 from trainer.data import Sample
 from trainer.heads import class_probabilities
 from trainer.loaders import build_eval_loader
 from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.models import create_model, normalization
 from trainer.paths import runs_root
-from trainer.spec import KFold, SpecError, load_spec
 from trainer.store import RunNotInStore, StoreError, open_store
 
 VOTINGS = ("auto", "soft", "hard")  # auto: see choose_voting

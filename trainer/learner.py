@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
+from contracts.spec import ExperimentSpec
 from trainer import compute, oom
 from trainer.checkpoint import Progress, TrainingState
 from trainer.data import DataError
@@ -29,7 +30,6 @@ from trainer.metrics import accuracy, confusion_matrix, macro_f1
 from trainer.mixing import BatchMixer
 from trainer.models import create_model, normalization
 from trainer.optim import create_optimizer, create_scheduler
-from trainer.spec import ExperimentSpec
 
 StopCallback = Callable[..., "str | None"]  # called as should_stop(boundary="step" | "epoch")
 

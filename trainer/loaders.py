@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from contracts.spec import ExperimentSpec
 from trainer import augment, cores
 from trainer.augment import Prefix, Recipe
 from trainer.data import (
@@ -32,12 +33,11 @@ from trainer.data import (
     scan_mask_dataset,
     split_by_profile,
 )
+from trainer.folds import kfold_split
 from trainer.image_cache import ImageStore, available_memory, decode, find_unreadable, fork_context, open_store
 from trainer.image_files import FIX, crop_problem
-from trainer.kfold import kfold_split
 from trainer.paths import runyard_home
 from trainer.relabel import corrections_file, load_corrections
-from trainer.spec import ExperimentSpec
 
 log = logging.getLogger("runyard.trainer")
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contracts.loss_formula import parse_loss
+from contracts.spec import ExperimentSpec
 from trainer.heads import HEADS, MultiHeadLoss, head_class_counts
-from trainer.loss_formula import parse_loss
-from trainer.spec import ExperimentSpec
 
 
 class FocalLoss(nn.Module):

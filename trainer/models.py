@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from contracts.spec import ExperimentSpec
 from trainer.heads import MultiHeadModel
-from trainer.spec import ExperimentSpec
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -47,8 +47,8 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def write_model_names() -> str:
-    """Rewrite trainer/timm_models.txt from the installed timm; returns its path."""
-    path = str(resources.files("trainer").joinpath("timm_models.txt"))
+    """Rewrite contracts/timm_models.txt from the installed timm; returns its path."""
+    path = str(resources.files("contracts").joinpath("timm_models.txt"))
     names = timm.list_models()
     header = (
         f"# timm {timm.__version__} model names (timm.list_models()); "

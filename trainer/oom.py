@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.spec import ExperimentSpec
+from contracts.spec import ExperimentSpec
 
 FAULT_OOM_ABOVE_BATCH = "RUNYARD_FAULT_OOM_ABOVE_BATCH"
 

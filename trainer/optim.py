@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from trainer.spec import ExperimentSpec
+from contracts.spec import ExperimentSpec
 
 OptimizerFactory = Callable[[ExperimentSpec, list[torch.nn.Parameter]], torch.optim.Optimizer]
 # (spec, optimizer, epochs after warmup) -> the per-epoch schedule

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.epoch_report import EpochReport
+from contracts.spec import ExperimentSpec
 from trainer import checkpoint, compute, oom, store_sync
 from trainer.checkpoint import Progress
 from trainer.checkpoint import save_atomic as save_atomic  # callers import it from here too
@@ -44,7 +45,6 @@ from trainer.interrupt import LOST, ResumeInfo, TrainingInterrupted
 from trainer.learner import Learner, StopCallback
 from trainer.models import parameter_count
 from trainer.paths import runs_root
-from trainer.spec import ExperimentSpec
 from trainer.store import StoreError, open_store
 from trainer.store_sync import StoreSync
 from trainer.tracking import WandbTracker

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rq import Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
@@ -45,7 +44,7 @@ from contracts.keys import (
     asha_templates_key,
     search_points_key,
 )
-from contracts.plugins import PromoterName
+from contracts.search_payload import AshaSettings
 from worker.fair_share import FairShareQueue
 
 log = logging.getLogger("runyard.asha")
@@ -57,43 +56,6 @@ PROMOTION_LEASE_S = 120
 IDENTITY_META = ("run_name", "spec_hash", "model", "epochs", "max_requeues", "search", "point", "kind", "params")
 LOWEST_SCORE = -1e300
 ROOT_JOB_ID = re.compile(r"^(?P<root>.+?)(-rung\d+)?$")
-
-
-class AshaSettings(BaseModel):
-    """A point's ASHA rungs (min_iter * eta**k epochs below max_iter, then max_iter) and the rung its job trains to."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: PromoterName = "asha"
-    min_iter: int = Field(ge=1)
-    eta: int = Field(ge=2)
-    max_iter: int = Field(ge=1)
-    rung: int = Field(0, ge=0)  # this job's rung: 0 for a new point, k + 1 for a promotion out of rung k
-    points: int | None = Field(None, ge=1)  # the search's points: once all reported, the search can end
-
-    @model_validator(mode="after")
-    def _rungs_fit(self) -> AshaSettings:
-        if self.min_iter >= self.max_iter:
-            raise ValueError(f"min_iter {self.min_iter} must be below max_iter {self.max_iter}")
-        if self.rung >= len(self.rung_epochs()):
-            raise ValueError(f"rung {self.rung}: the rungs are 0..{len(self.rung_epochs()) - 1}")
-        return self
-
-    def rung_epochs(self) -> list[int]:
-        """The epoch of each rung; the last is max_iter, where a run finishes."""
-        epochs, epoch = [], self.min_iter
-        while epoch < self.max_iter:
-            epochs.append(epoch)
-            epoch *= self.eta
-        return [*epochs, self.max_iter]
-
-    @property
-    def top_rung(self) -> int:
-        return len(self.rung_epochs()) - 1
-
-    def pause_epoch(self) -> int | None:
-        """Where this job pauses; None on the top rung (it trains to the end)."""
-        return None if self.rung == self.top_rung else self.rung_epochs()[self.rung]
 
 
 PROMOTERS: dict[str, type[AshaSettings]] = {"asha": AshaSettings}  # contracts.plugins.PROMOTERS

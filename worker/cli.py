@@ -20,8 +20,8 @@ import time
 
 import click
 
+from contracts.spec import current_host
 from trainer.cores import core_share, default_loader_workers, default_torch_threads
-from trainer.spec import current_host
 from worker.code_version import CODE_DIR, FollowGitError, check_can_follow
 from worker.connection import RedisUnavailable, connect
 from worker.process import process_command

@@ -20,10 +20,10 @@ from rq import Queue
 from rq.exceptions import StopRequested
 from rq.job import Job
 
+from worker.allow_listed_job import quarantine_unreadable
 from worker.code_version import CODE_DIR, fast_forward, loaded_code_state
 from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS
-from worker.job import quarantine_unreadable
 
 Taken = tuple[Job, Queue]  # what rq's dequeue returns: the job and the queue it came from
 
@@ -87,7 +87,7 @@ class GpuPoliteness:
 
 
 class Quarantine:
-    """A job record nobody can read (worker.job) is moved aside; it must not stop the worker."""
+    """A job record nobody can read (worker.allow_listed_job) is moved aside; it must not stop the worker."""
 
     def __init__(self, connection: Callable[[], redis.Redis], worker_name: str):
         self.connection = connection  # the worker's current connection (it changes after an outage)

@@ -16,10 +16,10 @@ from rq.job_lifecycle import call_exception_handlers
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
 from contracts.job_meta import read_job_meta, set_failure
+from contracts.spec import SpecError
 from trainer.data import DataError
-from trainer.spec import SpecError
+from worker.allow_listed_job import RefusedJob
 from worker.control import cancel_key
-from worker.job import RefusedJob
 from worker.jobs import JobCancelled, JobLost, OutOfMemory, StorageFailure
 
 if TYPE_CHECKING:

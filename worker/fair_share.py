@@ -416,7 +416,7 @@ class FairShareQueue(Queue):
                 index, job_id = taken
                 # rq internal (rq 3.0 Queue._fetch_dequeued_job): RQ's own post-pop step, shared by
                 # its dequeue_any. It fetches the job with the worker's job class, returns None for
-                # a job deleted meanwhile and attaches job_id/queue to a fetch error (worker.job's
+                # a job deleted meanwhile and attaches job_id/queue to a fetch error (worker.allow_listed_job's
                 # quarantine reads them).
                 fetched = cls._fetch_dequeued_job(
                     connection,

@@ -14,7 +14,7 @@ heartbeat; MULTI; EXEC): when several janitors find the same job, exactly one EX
 the others see their watch broken. A crash counts against the job's `max_requeues` (meta,
 default 3); past it the job fails with reason `crashed`. A warm shutdown's requeue is not a crash
 and is not counted. The job goes back to the front of its queue and resumes from its checkpoint.
-A job whose record cannot be read is quarantined (worker.job), never requeued and never fatal
+A job whose record cannot be read is quarantined (worker.allow_listed_job), never requeued and never fatal
 to the sweep: the other jobs are still requeued.
 """
 
@@ -40,9 +40,9 @@ from rq.utils import now, parse_composite_key
 
 from contracts.job_meta import DEFAULT_MAX_REQUEUES, read_job_meta, set_failure, update_job_meta
 from contracts.keys import JANITOR_LEASE_KEY, WORKERS_KEY, heartbeat_key, requeue_counter_key
+from worker.allow_listed_job import AllowListedJob, RefusedPayload, quarantine
 from worker.fair_share import FairShareQueue
 from worker.heartbeat import REDIS_ERRORS, Heartbeat, heartbeat_ttl, known_workers
-from worker.job import AllowListedJob, RefusedPayload, quarantine
 
 REQUEUE_LOG_LENGTH = 20
 COUNTER_TTL_S = 60 * 24 * 3600

@@ -1,4 +1,4 @@
-"""The functions a runyard worker runs. A job naming anything else is refused (see worker.job).
+"""The functions a runyard worker runs. A job naming anything else is refused (see worker.allow_listed_job).
 
 Torch is imported inside the functions, in RQ's work horse, never in the worker's parent process.
 """
@@ -16,9 +16,9 @@ from rq import Retry, get_current_job
 from rq.job import Job
 
 from contracts.job_meta import FailureReason, set_failure, update_job_meta
+from contracts.spec import ExperimentSpec, SpecError, load_spec
 from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.paths import runs_root
-from trainer.spec import ExperimentSpec, SpecError, load_spec
 from worker.asha import enqueue_promotions, promotion_started, report_rung
 from worker.code_version import compare_code, loaded_code_state
 from worker.control import JobControl
@@ -277,7 +277,7 @@ def aggregate_folds(
 ) -> dict[str, Any]:
     """Mean ± std of a k-fold set's folds, once they have run (the job depends on them)."""
     from trainer.store import StoreError
-    from worker.kfold import aggregate
+    from worker.fold_aggregate import aggregate
 
     job = get_current_job()
     try:

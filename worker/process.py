@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from rq import Worker
 
+from worker.allow_listed_job import forbid_pickle
 from worker.code_version import CODE_DIR, loaded_code_state
 from worker.connection import RedisUnavailable, connect, mask_url, patient_connection, redis_url
 from worker.heartbeat import REDIS_ERRORS
-from worker.job import forbid_pickle
 from worker.logs import setup_worker_logging
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ On top of RQ's Worker, each process (each duty a small object, in the module nam
 - charges a horse that died (OOM killer, segfault, kill -9) to the job's crash count;
 - marks a job stopped by `runyard cancel` as canceled, and leaves alone a job a janitor took away
   (worker.failures);
-- refuses payloads it cannot read without stopping (worker.job) and never unpickles; waits while
+- refuses payloads it cannot read without stopping (worker.allow_listed_job) and never unpickles; waits while
   another process holds its GPU (worker.gpu); with --follow-git, takes each job on its checkout's
   latest commit (worker.code_version): the dequeue policies (worker.dequeue_policy);
 - rides out Redis outages: RQ's loop ends, this process reconnects with backoff and starts over
@@ -35,6 +35,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from worker.allow_listed_job import AllowListedJob
 from worker.background import BackgroundThreads
 from worker.control import install_shutdown_handler
 from worker.dequeue_policy import DequeuePolicy, FollowGit, GpuPoliteness, Quarantine, Taken, dequeue
@@ -43,7 +44,6 @@ from worker.fair_share import FairShareQueue, charge_gpu_time
 from worker.gpu import GpuCheck
 from worker.heartbeat import REDIS_ERRORS, RUNYARD_MARK, heartbeat_key
 from worker.janitor import requeue_job
-from worker.job import AllowListedJob
 from worker.outage import OutageWatch
 from worker.preemption import clear_preemption
 from worker.scheduler_guard import SchedulerGuard
@@ -52,7 +52,7 @@ from worker.shutdown import StopPolicy
 __all__ = ["JOB_OPTIONS", "RunyardWorker", "ended_unexpectedly"]
 
 
-# Every queue and job of a worker: JSON, never pickle; only runyard's entry points (worker.job).
+# Every queue and job of a worker: JSON, never pickle; only runyard's entry points (worker.allow_listed_job).
 JOB_OPTIONS = {"serializer": JSONSerializer, "job_class": AllowListedJob}
 
 

@@ -2,8 +2,8 @@
 or samples adaptively, its trial in the search's Optuna study.
 
 It lives in worker/ because the work horse needs it and worker must never import schedule_search
-(dependencies point trainer <- worker <- publisher <- schedule_search). schedule_search builds the
-`search` payload a job carries as a SearchPayload, so the payload has one definition, here.
+(dependencies point trainer <- worker <- publisher <- schedule_search). The `search` payload a
+job carries is contracts.search_payload.SearchPayload, which schedule_search builds.
 Optuna is imported only by searches that use a study (early_terminate or bayes).
 
 The study lives in Redis through Optuna's journal storage, under its own key prefix, so every
@@ -17,97 +17,17 @@ import logging
 import warnings
 import zlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from rq.job import Job
 
 from contracts.job_meta import update_job_meta
-from contracts.plugins import PrunerName
-from trainer.spec import SpecError, format_validation_error
-from worker.asha import AshaSettings
+from contracts.search_payload import BayesSettings, EarlyTerminate, SearchPayload, StudySettings
+from contracts.spec import SpecError, format_validation_error
 from worker.connection import redis_url
 
 log = logging.getLogger("runyard.search")
-
-# What a search may optimise: the per-epoch numbers the trainer reports, with the natural goal.
-METRICS: dict[str, Literal["maximize", "minimize"]] = {
-    "val_f1": "maximize",
-    "val_acc": "maximize",
-    "val_loss": "minimize",
-    "train_acc": "maximize",
-    "train_loss": "minimize",
-}
-
-
-class Metric(BaseModel):
-    """The number a search ranks points by, and whether higher or lower is better."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "val_f1"
-    goal: Literal["maximize", "minimize"] | None = None
-
-    @model_validator(mode="after")
-    def _known_metric(self) -> Metric:
-        if self.name not in METRICS:
-            raise ValueError(f"unknown metric {self.name!r}; choose one of: {', '.join(METRICS)}")
-        if self.goal is None:
-            self.goal = METRICS[self.name]
-        return self
-
-    def better(self, first: float, second: float) -> float:
-        """The better of two values."""
-        return max(first, second) if self.goal == "maximize" else min(first, second)
-
-    def score(self, value: float) -> float:
-        """A number where higher is better: what leaderboards sort by."""
-        return value if self.goal == "maximize" else -value
-
-
-class EarlyTerminate(BaseModel):
-    """Early stopping in epochs: a run is checked at min_iter * eta**k epochs (see contracts.plugins.PRUNERS)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: PrunerName
-    min_iter: int = Field(ge=1)
-    max_iter: int = Field(ge=1)
-    eta: int = Field(ge=2)
-
-
-class BayesSettings(BaseModel):
-    """What a worker needs to sample a point: the space as Optuna distributions (JSON) and TPE's settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    space: dict[str, str]
-    json_params: list[str] = []  # choices that are lists or mappings travel as JSON strings
-    seed: int
-    n_startup_trials: int = Field(ge=1)
-
-
-class StudySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    prefix: str  # Redis key prefix of the study's journal
-    early_terminate: EarlyTerminate | None = None
-    bayes: BayesSettings | None = None
-
-
-class SearchPayload(BaseModel):
-    """The `search` argument of a search point's job: which search and point, and how it is run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    point: str
-    params: dict[str, Any] = {}
-    metric: Metric = Field(default_factory=Metric)
-    study: StudySettings | None = None
-    kfold_set: str | None = None  # the k-fold set a fold belongs to (its aggregate ranks the set)
-    asha: AshaSettings | None = None  # the point pauses at its rung and waits to be promoted (worker.asha)
 
 
 def search_fields(payload: SearchPayload, best: float | None, status: str) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from contracts.search_payload import AshaSettings
 from schedule_search.config import EarlyTerminateConfig, SearchError
 from schedule_search.methods.base import SearchMethod
 from schedule_search.points import SearchPoints
-from worker.asha import AshaSettings
 
 
 def asha_settings(

@@ -14,10 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from contracts.search_payload import BayesSettings
 from schedule_search.config import SearchConfig, SearchError
 from schedule_search.parameters import Parameter
 from schedule_search.points import SearchPoints
-from worker.search_trial import BayesSettings
 
 
 @dataclass

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from contracts.search_payload import BayesSettings
+from contracts.spec import SpecError, load_spec
 from publisher.options import merge
 from schedule_search.bayes import bayes_settings, corner_points
 from schedule_search.config import SearchError, nest, prefixed
 from schedule_search.methods.base import Expansion, SearchMethod, register_method
 from schedule_search.parameters import Parameter
 from schedule_search.points import REPORTED_ERRORS, Point, SearchPoints, describe_params
-from trainer.spec import SpecError, load_spec
-from worker.search_trial import BayesSettings
 
 
 @register_method

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from contracts.spec import SpecError, load_spec
 from publisher.options import merge
 from schedule_search.config import SearchError, nest, prefixed
 from schedule_search.methods.base import Expansion, SearchMethod, register_method
 from schedule_search.points import Point, SearchPoints, describe_params
-from trainer.spec import SpecError, load_spec
 
 RANDOM_ATTEMPTS = 20  # draws per wanted point before a random search settles for fewer distinct points
 

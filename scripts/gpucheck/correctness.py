@@ -89,9 +89,9 @@ def check_resume(ctx: Context) -> dict[str, Any]:
     """Deterministic mode: a run stopped in epoch 2 and resumed ends as an uninterrupted run does."""
     import torch
 
+    from contracts.spec import load_spec
     from trainer.checkpoint import checkpoint_path, load_checkpoint
     from trainer.interrupt import SHUTDOWN, TrainingInterrupted
-    from trainer.spec import load_spec
     from trainer.train import train
 
     def spec(name: str):
@@ -154,7 +154,7 @@ def shorten(values: list[str]) -> str:
 
 def check_checkpoint(ctx: Context) -> dict[str, Any]:
     """Train on the device (AMP, channels_last on CUDA), then `runyard infer` with CUDA hidden."""
-    from trainer.spec import load_spec
+    from contracts.spec import load_spec
     from trainer.train import train
 
     result = train(load_spec(tiny_spec(ctx, "written-on-device", epochs=1)))

@@ -57,7 +57,7 @@ def measure_variants(ctx: Context, variants: dict[str, Any], steps: int) -> dict
     import torch
 
     throughput = load_throughput_module()
-    from trainer.spec import load_spec
+    from contracts.spec import load_spec
     from trainer.train import Trainer
 
     preset = throughput.PRESETS["cpu" if ctx.quick or not ctx.cuda else "gpu"]

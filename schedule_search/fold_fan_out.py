@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from contracts.spec import ExperimentSpec, load_spec
 from schedule_search.points import Point
-from trainer.spec import ExperimentSpec, load_spec
 
 
 def aggregate_id(spec: ExperimentSpec) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 from rq.job import Job
 
 from contracts.job_meta import set_failure, update_job_meta
+from contracts.spec import load_spec
 from trainer.paths import runs_root
-from trainer.spec import load_spec
 from trainer.store import open_store
 from worker.results import get_run, record_run
 from worker.search_trial import parse_payload, search_fields

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from contracts.loss_formula import format_loss, parse_loss
 from contracts.plugins import AUGMENTATIONS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS
-from trainer.loss_formula import format_loss, parse_loss
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -102,7 +102,7 @@ class SpecError(ValueError):
 @lru_cache(maxsize=1)
 def timm_model_names() -> frozenset[str]:
     """Names timm registers, read from the list shipped with runyard (no torch import)."""
-    text = resources.files("trainer").joinpath("timm_models.txt").read_text()
+    text = resources.files("contracts").joinpath("timm_models.txt").read_text()
     return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
 
 
