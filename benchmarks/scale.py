@@ -74,7 +74,7 @@ def cli(module_call: str, *args: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; {module_call}", *args]
 
 
-RUNYARD = "from runyard.cli import main; sys.exit(main())"
+RUNYARD = "from runyard.cli.main import main; sys.exit(main())"
 
 # The same calls timed inside the process, imports excluded (on a busy 2-core box importing the
 # CLI alone takes seconds of wall time): wall and CPU seconds of the call. The functions named

@@ -1,3 +1,3 @@
-from publisher.cli import publish_command
+from runyard.cli.publish import publish_command
 
 publish_command(prog_name="publish")

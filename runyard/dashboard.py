@@ -21,7 +21,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
-from publisher.cli import CONTEXT, connect_or_fail, fail
+from runyard.cli.common import CONTEXT, connect_or_fail, fail
 from worker.connection import mask_url, redis_url
 
 DEFAULT_PORT = 9181

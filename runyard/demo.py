@@ -22,8 +22,9 @@ from rq.job import Job, JobStatus
 
 from contracts.job_meta import read_job_meta
 from contracts.spec import ExperimentSpec
-from publisher.cli import connect_or_fail, console, leaderboard_table
 from publisher.queue import publish_experiment
+from runyard.cli.common import connect_or_fail, console
+from runyard.cli.publish import leaderboard_table
 from trainer.paths import runyard_home
 from worker.results import get_run
 

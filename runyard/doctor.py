@@ -29,7 +29,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from contracts.spec import DATASETS, ExperimentSpec
-from publisher.cli import CONTEXT, console
+from runyard.cli.common import CONTEXT, console
 from trainer.tracking import wandb_mode
 from worker.connection import RedisUnavailable, connect, embedded_server, mask_url, redis_url
 from worker.heartbeat import RUNYARD_MARK, is_alive, known_workers

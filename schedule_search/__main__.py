@@ -1,3 +1,3 @@
-from schedule_search.cli import schedule_search_command
+from runyard.cli.schedule_search import schedule_search_command
 
 schedule_search_command(prog_name="schedule-search")

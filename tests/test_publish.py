@@ -15,8 +15,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from contracts.spec import ExperimentSpec
-from publisher.cli import publish_command
 from publisher.options import iter_fields, option_name
+from runyard.cli.publish import publish_command
 from worker.jobs import RUN_EXPERIMENT
 
 
@@ -157,7 +157,7 @@ def test_a_url_that_is_not_redis_is_refused(tmp_path):
 def test_publishing_never_imports_torch(redis_url):
     script = (
         "import sys\n"
-        "from publisher.cli import publish_command\n"
+        "from runyard.cli.publish import publish_command\n"
         "try:\n"
         "    publish_command(['--model', 'efficientnet_b2', '--loss', 'f1'])\n"
         "except SystemExit:\n"

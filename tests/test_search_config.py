@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from contracts.spec import load_spec
-from schedule_search.cli import schedule_search_command
+from runyard.cli.schedule_search import schedule_search_command
 from schedule_search.config import SearchError
 from schedule_search.search import load_search
 from tests.helpers import tiny_spec, write_search

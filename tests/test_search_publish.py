@@ -16,8 +16,8 @@ from rq.serializers import JSONSerializer
 
 import schedule_search.publish as publish_module
 from contracts.keys import search_points_key
-from publisher.cli import cancel_command, leaderboard_command, status_command
-from schedule_search.cli import schedule_search_command
+from runyard.cli.publish import cancel_command, leaderboard_command, status_command
+from runyard.cli.schedule_search import schedule_search_command
 from schedule_search.publish import claim_points, publish_search
 from schedule_search.search import load_search
 from tests.helpers import BIN, write_search
@@ -174,7 +174,7 @@ def test_schedule_search_runs_as_a_module_and_as_a_runyard_command_without_torch
     path = write_search(tmp_path / "grid.yaml", tmp_path, GRID, name="g")
     script = (
         "import sys\n"
-        "from schedule_search.cli import schedule_search_command\n"
+        "from runyard.cli.schedule_search import schedule_search_command\n"
         "try:\n"
         f"    schedule_search_command([{str(path)!r}, '--json'])\n"
         "except SystemExit:\n"

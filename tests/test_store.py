@@ -285,7 +285,7 @@ def test_box_b_resumes_a_run_whose_box_died_from_the_store_and_a_third_home_infe
 def test_runs_pull_and_gc_list_copy_and_thin_the_store_from_another_home(tmp_path, monkeypatch, demo_data):
     from click.testing import CliRunner
 
-    from runyard.cli import main
+    from runyard.cli.main import main
     from runyard.doctor import check_store
 
     monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "box-a"))

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from publisher.options import iter_fields, option_name
-from runyard.train_cli import train_command
+from runyard.cli.train import train_command
 from tests.helpers import isolated_env, run_cli, tiny_spec
 
 
@@ -77,7 +77,7 @@ def test_bad_input_exits_2_before_any_training(demo_data, tmp_path, monkeypatch,
 def test_runyard_help_and_train_help_never_import_torch():
     script = (
         "import sys\n"
-        "from runyard.cli import main\n"
+        "from runyard.cli.main import main\n"
         "for args in (['--help'], ['train', '--help'], ['infer', '--help']):\n"
         "    try:\n"
         "        main(args)\n"

@@ -309,7 +309,7 @@ def test_an_expected_failure_is_one_line_and_still_runs_the_exception_handlers(c
 
 
 def test_the_command_line_an_earlier_runyard_re_executes_after_follow_git_still_starts_a_worker_process():
-    # Before worker.cli held it, `worker` started (and a following worker re-executed) this bootstrap.
+    # Before runyard.cli.worker held it, `worker` started (and a following worker re-executed) this bootstrap.
     bootstrap = "import sys; from worker.process import main; sys.exit(main())"
     done = subprocess.run(
         [sys.executable, "-c", bootstrap, "--help"], capture_output=True, text=True, timeout=120, check=False

@@ -1,3 +1,3 @@
-from worker.cli import worker_command
+from runyard.cli.worker import worker_command
 
 worker_command(prog_name="worker")

@@ -118,7 +118,7 @@ class FollowGit:
 
     The check runs after a job arrives, not before waiting: a worker idle for a day must not start
     that day's job on the code it started with. When the checkout moved, the job goes back to the
-    front of its queue and the worker stops, `restart_requested`, so that worker.cli re-executes it.
+    front of its queue and the worker stops, `restart_requested`, so that runyard.cli.worker re-executes it.
     """
 
     def __init__(

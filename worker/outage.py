@@ -2,7 +2,7 @@
 
 While a job trains, an outage only costs log lines (the horse keeps training, the heartbeat thread
 speaks for the worker). While idle, the worker's loop ends through `OutageWatch.end_loop`; the
-process (worker.cli) waits for Redis with `wait_for_redis`, then `recover_after_outage` puts back
+process (runyard.cli.worker) waits for Redis with `wait_for_redis`, then `recover_after_outage` puts back
 the job the worker had popped or was running, and a new worker starts under the same name.
 """
 
@@ -43,7 +43,7 @@ class OutageWatch:
         self._warned = False
 
     def end_loop(self, error: BaseException) -> NoReturn:
-        """End RQ's loop the way a stop does; the process then reconnects (worker.cli)."""
+        """End RQ's loop the way a stop does; the process then reconnects (runyard.cli.worker)."""
         self.lost = error
         raise StopRequested() from None
 

@@ -1,7 +1,7 @@
 """One worker process, `python -m worker.process`: reach Redis and the run store, then serve.
 
 It runs RunyardWorkers (worker.rq_worker) one after another while Redis comes and goes
-(worker.outage), and restarts itself on new code for --follow-git. `worker` (worker.cli) starts
+(worker.outage), and restarts itself on new code for --follow-git. `worker` (runyard.cli.worker) starts
 one per GPU with process_command.
 """
 

@@ -1,6 +1,6 @@
 """RunyardWorker, the RQ Worker of one worker process, with its JSON serializer and allow-listed Job class.
 
-`worker --gpus 0,1` starts one worker process per GPU (worker.process, see worker.cli) with
+`worker --gpus 0,1` starts one worker process per GPU (worker.process, see runyard.cli.worker) with
 CUDA_VISIBLE_DEVICES pinned; each forks an RQ work horse per job, which is where torch runs (the
 process imports torch once at start so that forks are quick, but never initialises CUDA).
 
@@ -120,7 +120,7 @@ class RunyardWorker(Worker):
             if self.pubsub_thread:
                 self.pubsub_thread.stop()
 
-    # Redis trouble ends the loop quietly; worker.cli reconnects (worker.outage)
+    # Redis trouble ends the loop quietly; runyard.cli.worker reconnects (worker.outage)
 
     def heartbeat(self, timeout=None, pipeline=None):
         with self.outage.ending_loop(unless_busy=self.running is not None):

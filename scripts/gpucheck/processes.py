@@ -22,9 +22,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 CLI_ENTRY = {
-    "publish": "from publisher.cli import publish_command as c; c(prog_name='publish')",
-    "worker": "from worker.cli import worker_command as c; c(prog_name='worker')",
-    "runyard": "from runyard.cli import main as c; c(prog_name='runyard')",
+    "publish": "from runyard.cli.publish import publish_command as c; c(prog_name='publish')",
+    "worker": "from runyard.cli.worker import worker_command as c; c(prog_name='worker')",
+    "runyard": "from runyard.cli.main import main as c; c(prog_name='runyard')",
 }
 
 

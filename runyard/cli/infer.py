@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from publisher.cli import CONTEXT, fail
+from runyard.cli.common import CONTEXT, fail
 
 
 @click.command("infer", context_settings=CONTEXT)

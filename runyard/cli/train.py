@@ -13,8 +13,9 @@ import sys
 import click
 
 from contracts.spec import SpecError
-from publisher.cli import CONTEXT, build_spec, fail
 from publisher.options import spec_options
+from runyard.cli.common import CONTEXT, fail
+from runyard.cli.publish import build_spec
 
 
 @click.command("train", context_settings=CONTEXT)

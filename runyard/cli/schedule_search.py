@@ -9,8 +9,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from publisher.cli import CONTEXT, connect_or_fail, console, enqueue_options, fail, parse_duration
 from publisher.queue import publish_context
+from runyard.cli.common import CONTEXT, connect_or_fail, console, fail, parse_duration
+from runyard.cli.publish import enqueue_options
 from schedule_search.config import SearchError
 from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search

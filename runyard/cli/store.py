@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from publisher.cli import CONTEXT, console, fail
+from runyard.cli.common import CONTEXT, console, fail
 from trainer.paths import runs_root
 from trainer.store import StoreError, display_url, open_store
 

@@ -8,17 +8,18 @@ from pathlib import Path
 import click
 
 from contracts.spec import parse_size
-from publisher.cli import CONTEXT, cancel_command, fail, leaderboard_command, publish_command, status_command
-from publisher.sharing_cli import preemption_command, quota_group
 from runyard import __version__
+from runyard.cli.common import CONTEXT, fail
+from runyard.cli.infer import infer_command
+from runyard.cli.publish import cancel_command, leaderboard_command, publish_command, status_command
+from runyard.cli.schedule_search import compare_command, schedule_search_command
+from runyard.cli.sharing import preemption_command, quota_group
+from runyard.cli.store import gc_command, pull_command, runs_command
+from runyard.cli.train import train_command
+from runyard.cli.worker import janitor_command, worker_command
 from runyard.dashboard import dashboard_command
 from runyard.demo import demo_command
 from runyard.doctor import doctor_command
-from runyard.infer_cli import infer_command
-from runyard.store_cli import gc_command, pull_command, runs_command
-from runyard.train_cli import train_command
-from schedule_search.cli import compare_command, schedule_search_command
-from worker.cli import janitor_command, worker_command
 from worker.connection import RedisUnavailable, embedded_server, mask_url, redis_url
 from worker.embedded import EmbeddedRedisError
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from publisher.cli import CONTEXT, connect_or_fail, fail
+from runyard.cli.common import CONTEXT, connect_or_fail, fail
 from worker.preemption import queues_without_preemption, set_queue_preemption
 from worker.quotas import QuotaError, quotas, set_quota, unset_quota
 
