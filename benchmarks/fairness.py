@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import Job, JobStatus  # noqa: E402
 
-from benchmarks.servers import start_redis  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, stop_processes, worker_env  # noqa: E402
 from contracts.spec import load_spec  # noqa: E402
 from publisher.queue import publish_context, publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
@@ -99,15 +97,7 @@ class Sampler:
 def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dict:
     redis_process, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
-    env |= {
-        "REDIS_URL": url,
-        "RUNYARD_HOME": str(work / "home"),
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "RUNYARD_SCHEDULING": "fairshare" if mode == "fair share" else "fifo",
-    }
+    env = worker_env(url, work / "home", RUNYARD_SCHEDULING="fairshare" if mode == "fair share" else "fifo")
     if mode == "fifo":  # today's behaviour: a high job only jumps the queue
         for queue_name in ("default", "low"):
             set_queue_preemption(connection, queue_name, False)
@@ -132,16 +122,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
 
     try:
         for number in range(args.workers):
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "worker.process", "--name", f"bench-{number}"],
-                    env=env,
-                    stdout=open(work / f"worker-{number}.log", "w"),  # noqa: SIM115 (the worker keeps it)
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    cwd=ROOT,
-                )
-            )
+            workers.append(start_worker_process(env, f"bench-{number}", work / f"worker-{number}.log", mode="w"))
         deadline = time.time() + 120
         while not all(connection.exists(heartbeat_key(f"bench-{n}")) for n in range(args.workers)):
             if time.time() > deadline:
@@ -160,15 +141,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
         while sampler.sample():
             time.sleep(SAMPLE_S)
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        redis_process.terminate()
-        redis_process.wait(10)
+        stop_processes(*workers)
+        stop_processes(redis_process, timeout=10)
 
     owners = ("alice", "bob", "carol")
     waits = {owner: [] for owner in owners}
@@ -214,15 +188,7 @@ def run_stop_point(mode: str, args: argparse.Namespace, work: Path, data: Path) 
     """One worker, a `default` job preempted halfway through its second epoch, RUNYARD_PREEMPT_AT=mode."""
     redis_process, url = start_redis(work, "--save", "")
     connection = redis.Redis.from_url(url)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RUNYARD_"))}
-    env |= {
-        "REDIS_URL": url,
-        "RUNYARD_HOME": str(work / "home"),
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "RUNYARD_PREEMPT_AT": mode,
-    }
+    env = worker_env(url, work / "home", RUNYARD_PREEMPT_AT=mode)
     sampler = Sampler(connection)
     spec = load_spec(
         {
@@ -235,14 +201,7 @@ def run_stop_point(mode: str, args: argparse.Namespace, work: Path, data: Path) 
             "lr": 3e-3,
         }
     )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.process", "--name", "bench-0"],
-        env=env,
-        stdout=open(work / "worker.log", "w"),  # noqa: SIM115 (the worker keeps it)
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=ROOT,
-    )
+    worker = start_worker_process(env, "bench-0", work / "worker.log", mode="w")
     try:
         deadline = time.time() + 120
         while not connection.exists(heartbeat_key("bench-0")):
@@ -264,13 +223,8 @@ def run_stop_point(mode: str, args: argparse.Namespace, work: Path, data: Path) 
             time.sleep(SAMPLE_S)
         victim.refresh()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        redis_process.terminate()
-        redis_process.wait(10)
+        stop_processes(worker)
+        stop_processes(redis_process, timeout=10)
     entries = victim.meta.get("preemptions") or []
     entry = entries[0] if entries else {}
     high_at = sampler.published[high.id]

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from rq.job import JobStatus  # noqa: E402
 
-from benchmarks.servers import start_redis, start_worker_process, wait_until, worker_env  # noqa: E402
+from benchmarks.servers import start_redis, start_worker_process, stop_processes, wait_until, worker_env  # noqa: E402
 from contracts.spec import load_spec  # noqa: E402
 from publisher.queue import publish_experiment  # noqa: E402
 from trainer.demo_data import make_demo_dataset  # noqa: E402
@@ -131,13 +130,8 @@ def main() -> int:
                 + (f"{row['training_starts_ms']:.0f} ms" if training else "(no train.log)")
             )
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        server.terminate()
-        server.wait(30)
+        stop_processes(worker)
+        stop_processes(server)
 
     pickups = [row["pickup_ms"] for row in rows]
     report = {

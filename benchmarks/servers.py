@@ -75,6 +75,18 @@ def start_worker_process(
     )
 
 
+def stop_processes(*processes: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM each process (a worker finishes or requeues its job), then SIGKILL what is left after `timeout` s."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of `pid`, read from /proc (a worker's work horse and scheduler)."""
     children = []
