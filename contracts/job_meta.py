@@ -78,6 +78,7 @@ class JobMeta(BaseModel):
     preempted_by: str | None = None
     preempted_after_epoch: int | None = None
     preemptions: list[dict[str, Any]] | None = None
+    preempt_stop: dict[str, Any] | None = None  # where the last preemption stopped (step or epoch) and the work re-done
 
     # Written by janitors
     requeues: int | None = None

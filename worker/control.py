@@ -25,6 +25,7 @@ import time
 import redis
 from rq.job import Job, JobStatus
 
+from contracts.job_meta import update_job_meta
 from contracts.keys import cancel_key
 from trainer.interrupt import CANCELLED, EPOCH_BOUNDARY, LOST, PREEMPTED, SHUTDOWN, STEP_BOUNDARY
 from worker.embedded import NO_RETRY
@@ -90,7 +91,9 @@ class JobControl:
                 else time.time() - self.epoch_started_at
             )
             # Read by worker.preemption.record_preemption in this process (the same Job object).
-            self.job.meta["preempt_stop"] = {"boundary": boundary, "redone_s": redone, "setup_s": self.setup_s}
+            update_job_meta(
+                self.job.meta, preempt_stop={"boundary": boundary, "redone_s": redone, "setup_s": self.setup_s}
+            )
         return reason
 
     def _reason(self, force: bool, boundary: str) -> str | None:

@@ -44,6 +44,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
+from contracts.job_meta import update_job_meta
 from contracts.keys import PREEMPT_FOR_PREFIX, PREEMPT_LOCK_KEY, PREEMPT_OFF_KEY, PREEMPT_PREFIX, QUOTA_KEY
 from trainer.interrupt import EPOCH_BOUNDARY, STEP_BOUNDARY
 from worker.fair_share import running_entries
@@ -305,9 +306,12 @@ def record_preemption(job: Job, after_epoch: int) -> None:
         "setup_s": None if stop.get("setup_s") is None else round(float(stop["setup_s"]), 2),
         "work_lost_s": round(since_checkpoint, 1),  # since the checkpoint it resumes from (set-up included)
     }
-    job.meta["preempted_by"] = request.get("by")
-    job.meta["preempted_after_epoch"] = after_epoch
-    job.meta["preemptions"] = [*(job.meta.get("preemptions") or []), entry]
+    update_job_meta(
+        job.meta,
+        preempted_by=request.get("by"),
+        preempted_after_epoch=after_epoch,
+        preemptions=[*(job.meta.get("preemptions") or []), entry],
+    )
     job.save_meta()
     clear_preemption(job.connection, job.id)
     log.info("job %s: preempted by %s after epoch %d; requeued at the front", job.id, entry["by"], after_epoch)
