@@ -30,8 +30,8 @@ from worker.outage import OutageWatch, recover_after_outage, restore_popped_job
 from worker.rq_worker import RunyardWorker
 
 
-def make_worker(connection: redis.Redis, name: str) -> RunyardWorker:
-    return RunyardWorker(["default"], name=name, connection=connection)
+def make_worker(connection: redis.Redis, name: str, queue: str = "default") -> RunyardWorker:
+    return RunyardWorker([queue], name=name, connection=connection)
 
 
 def publish(connection: redis.Redis, demo_data):
@@ -273,7 +273,9 @@ def test_after_an_outage_the_interrupted_job_is_requeued_without_charging_a_cras
 
 
 def test_a_dead_rq_scheduler_is_restarted_until_the_worker_stops_it(connection):
-    worker = make_worker(connection, "scheduler-test")
+    # A queue of its own: RQ's scheduler starts only when it gets the queue's lock, which a worker of
+    # an earlier test on the shared redis-server may still hold.
+    worker = make_worker(connection, "scheduler-test", queue="scheduler-test")
     worker.scheduler = RQScheduler(worker.queues, connection=connection)
     dead = multiprocessing.get_context("fork").Process(target=int)
     dead.start()

@@ -151,14 +151,14 @@ for i = 1, #entries, 2 do
   end
 end
 
--- Whether an indexed id can be taken from the queue named queue_name: it is still queued there.
+-- Whether an indexed id can be taken from the queue named queue_name: it is still queued there,
+-- or its record is one RQ cannot read (not a hash, an unknown status: the fetch quarantines it).
 local function takeable(key, queue_name)
   local kind = redis.call('TYPE', key).ok
   if kind == 'none' then return false end
   if kind ~= 'hash' then return true end
-  local status = redis.call('HGET', key, 'status')
-  local origin = redis.call('HGET', key, 'origin')
-  return (status == false or status == 'queued') and (origin == false or origin == queue_name)
+  local status, origin = redis.call('HGET', key, 'status'), redis.call('HGET', key, 'origin')
+  return not no_longer_queued(status, origin, queue_name)
 end
 
 local usage_of = {}

@@ -49,6 +49,15 @@ OWNER_FIELD = "runyard_owner"  # a field on RQ's job hash rq:job:<id>: the job's
 # the hash Job.redis_job_namespace_prefix + id, whose `meta` field is the JSON serializer's output
 # (JSONSerializer, so cjson can read the owner publish wrote there).
 OWNER_LUA = """
+-- RQ's JobStatus values. A record with another status is one RQ cannot read: it stays indexed and
+-- a take hands it to the worker's fetch, which quarantines it (skipped, it would sit on RQ's list
+-- for ever).
+local rq_statuses = {queued = true, started = true, finished = true, failed = true, deferred = true,
+                     scheduled = true, stopped = true, canceled = true}
+local function no_longer_queued(status, origin, queue_name)
+  if status and not rq_statuses[status] then return false end
+  return (status and status ~= 'queued') or (origin and origin ~= queue_name)
+end
 local function owner_of(job_key)
   -- A record that is not a hash (a teammate's tool wrote it) has no owner; a take hands it to the
   -- worker's fetch, which quarantines it instead of this script failing every dequeue.
@@ -125,7 +134,7 @@ for _, id in ipairs(scanned[2]) do
   elseif kind == 'hash' then
     local status = redis.call('HGET', key, 'status')
     local origin = redis.call('HGET', key, 'origin')
-    if (status and status ~= 'queued') or (origin and origin ~= queue_name) then redis.call('SREM', jobs_key, id) end
+    if no_longer_queued(status, origin, queue_name) then redis.call('SREM', jobs_key, id) end
   end
 end
 return {scanned[1], scanned[1] == '0' and 0 or 1}
