@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runyard.worker")
 
+# The queues a worker serves unless told otherwise, in the order it takes from them.
+DEFAULT_QUEUES = "high,default,low"
+
 
 def process_command(*args: str) -> list[str]:
     """The command line of one worker process, importing runyard from CODE_DIR whatever the cwd.
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m worker.process", description=rq_worker.__doc__)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--queues", default="high,default,low")
+    parser.add_argument("--queues", default=DEFAULT_QUEUES)
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--max-jobs", type=int, default=None)
     parser.add_argument("--follow-git", action="store_true")

@@ -24,7 +24,7 @@ from contracts.spec import current_host
 from trainer.cores import core_share, default_loader_workers, default_torch_threads
 from worker.code_version import CODE_DIR, FollowGitError, check_can_follow
 from worker.connection import RedisUnavailable, connect
-from worker.process import process_command
+from worker.process import DEFAULT_QUEUES, process_command
 
 log = logging.getLogger("runyard.worker")
 
@@ -108,7 +108,7 @@ def worker_slots(gpus: str | None, cpu: bool, workers: int, name: str) -> list[t
 )
 @click.option(
     "--queues",
-    default="high,default,low",
+    default=DEFAULT_QUEUES,
     show_default=True,
     help="Queues to take jobs from, first has priority.",
 )
