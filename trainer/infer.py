@@ -18,12 +18,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from contracts.spec import KFold, SpecError, load_spec
+from contracts.spec import ExperimentSpec, KFold, SpecError, load_spec
 from trainer.data import Sample
 from trainer.heads import class_probabilities
 from trainer.loaders import build_eval_loader
@@ -46,7 +45,7 @@ class TrainedRun:
     """A run's model with its trained weights (the EMA weights when the run kept them)."""
 
     run_dir: Path
-    spec: Any  # ExperimentSpec
+    spec: ExperimentSpec
     num_classes: int
     class_names: list[str] | None
     class_counts: list[int] | None

@@ -18,7 +18,7 @@ from typing import Any
 from rq.job import Job
 
 from contracts.job_meta import set_failure, update_job_meta
-from contracts.spec import load_spec
+from contracts.spec import ExperimentSpec, load_spec
 from trainer.paths import runs_root
 from trainer.store import open_store
 from worker.results import get_run, record_run
@@ -44,7 +44,7 @@ def summarize_folds(records: list[dict[str, Any]], metric: str) -> dict[str, dic
     return summary
 
 
-def write_fold_ensemble(spec: Any, fold_rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+def write_fold_ensemble(spec: ExperimentSpec, fold_rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     """Soft-vote the folds' best checkpoints on the spec's eval_dir into run_dir/submission.csv.
 
     Scored too when the eval dir has answers (the demo data's eval/answers.csv). Without an
@@ -136,7 +136,7 @@ def aggregate(
     return result
 
 
-def publish_to_store(experiment: Any, run_name: str, run_dir: Path, result: dict[str, Any]) -> None:
+def publish_to_store(experiment: ExperimentSpec, run_name: str, run_dir: Path, result: dict[str, Any]) -> None:
     """Copy the aggregate's files (result, ensemble submission, W&B run) into the run store."""
     from trainer.store_sync import StoreSync
 
@@ -146,7 +146,7 @@ def publish_to_store(experiment: Any, run_name: str, run_dir: Path, result: dict
 
 
 def _log_to_wandb(
-    experiment: Any,
+    experiment: ExperimentSpec,
     run_name: str,
     run_dir: Path,
     fold_rows: list[dict[str, Any]],
