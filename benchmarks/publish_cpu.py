@@ -97,7 +97,7 @@ def main() -> int:
         figures["publish_search_s"] = time.process_time() - started
         figures |= totals
         figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the floor
-        job = Job.fetch(report.jobs[0]["job_id"], connection=connection, serializer=JSONSerializer)
+        job = Job.fetch(report.first_jobs[0]["job_id"], connection=connection, serializer=JSONSerializer)
         figures["rq_floor_s"] = rq_floor(connection, job.kwargs, job.meta, args.points, publish.CHUNK)
         figures["hiredis"] = "hiredis" in sys.modules
     finally:
