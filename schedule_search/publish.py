@@ -48,9 +48,11 @@ from worker.search_stop import clear_stop
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
-# Points per claim script call and per enqueue transaction: each holds Redis a few milliseconds
-# (cpu-2 under load: ~10 ms for 500 points), never the seconds one call for 100,000 points took.
-CHUNK = 500
+# Points per claim script call and per enqueue transaction. A claim costs Redis ~7 us a point
+# wherever the point is in the search (BENCHMARKS.md, publishing, third pass): 200 points are ~1.5 ms,
+# so that a call stays far below 50 ms even when the box starves or forks Redis (AOF rewrite) in
+# the middle of it; 100 to 500 cost the publisher the same CPU.
+CHUNK = 200
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
 # (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON} per
