@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=10000, help="grid size")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--no-floor", action="store_true", help="skip the RQ floor (minutes at 200,000 points)")
+    parser.add_argument("--chunk", type=int, help="points per claim call and job write [schedule_search.publish.CHUNK]")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="runyard-publish-cpu-"))
     (work / "data").mkdir()
@@ -113,6 +114,7 @@ def main() -> int:
         import schedule_search.publish as publish
         from schedule_search.search import load_search
 
+        publish.CHUNK = args.chunk or publish.CHUNK
         # A larger grid than a search file may ask for: how the publisher's memory grows past it.
         grid.MAX_POINTS = max(grid.MAX_POINTS, args.points)
 
@@ -140,6 +142,7 @@ def main() -> int:
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     figures = {key: round(value, 2) if isinstance(value, float) else value for key, value in figures.items()}
+    figures["chunk"] = publish.CHUNK
     figures["load_average"] = [round(value, 1) for value in os.getloadavg()]
     print(json.dumps(figures) if args.json else "\n".join(f"{key}: {value}" for key, value in figures.items()))
     return 0
