@@ -93,11 +93,11 @@ def schedule_search_command(
             context=context,
             on_job=stream.item if stream else None,
         )
-    except (SearchConflict, QuotaError) as error:
-        # --owner or RUNYARD_USER names the owner of the search's jobs (QuotaError)
-        reason = f"--owner / RUNYARD_USER: {error}; nothing enqueued" if isinstance(error, QuotaError) else None
-        _close_on_error(stream, error)
-        fail(reason or f"nothing enqueued: {error}")
+    # Both come before the first claim: nothing is enqueued, nothing printed on stdout yet.
+    except SearchConflict as error:
+        fail(f"nothing enqueued: {error}")
+    except QuotaError as error:  # --owner or RUNYARD_USER names the owner of the search's jobs
+        fail(f"--owner / RUNYARD_USER: {error}; nothing enqueued")
     except BaseException as error:
         _close_on_error(stream, error)
         raise
