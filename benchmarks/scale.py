@@ -90,8 +90,10 @@ import redis
 connection = redis.Redis.from_url(os.environ["REDIS_URL"])
 what, argument = sys.argv[1], sys.argv[2]
 if what == "publish":
+    import schedule_search.methods.grid as grid
     from schedule_search.publish import publish_search
     from schedule_search.search import load_search
+    grid.MAX_POINTS = max(grid.MAX_POINTS, int(os.environ.get("SCALE_POINTS", "0")))  # sizes past the limit
     call = lambda: publish_search(connection, load_search(argument))
 elif what == "status":
     from publisher.search_status import collect_search_status
@@ -202,7 +204,8 @@ def measure_size(tree: Path, url: str, work: Path, points: int, timeout: float) 
 
     connection.slowlog_reset()
     # The call schedule-search makes (expand, validate, publish), timed inside its process.
-    published = peak_rss_mb([sys.executable, "-c", TIMED, "publish", str(search_file)], env, timeout)
+    command = [sys.executable, "-c", TIMED, "publish", str(search_file)]
+    published = peak_rss_mb(command, env | {"SCALE_POINTS": str(points)}, timeout)
     row["publish_s"], row["publish_peak_mb"] = published["seconds"], published["peak_mb"]
     if published.get("rc") not in (0, None):
         row["publish_error"] = published["stderr"][-500:]
@@ -317,7 +320,11 @@ def fit_fleet(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,50000,100000", help="grid sizes, comma-separated")
+    parser.add_argument(
+        "--sizes",
+        default="10000,50000,100000",
+        help="grid sizes, comma-separated (past 100,000 the publish raises the grid limit)",
+    )
     parser.add_argument("--fleet", default="1,4,8,16", help="idle worker counts, comma-separated ('' skips)")
     parser.add_argument("--window", type=float, default=30, help="seconds each fleet is measured")
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (e.g. main)")
