@@ -4,7 +4,8 @@ Publishes an lr x seed grid (benchmarks/scale.py's) to a private redis-server, i
 and prints the CPU seconds of load_search, of the claim script calls and of the chunks' job
 writes, the process's peak RSS, and the RQ floor: as many jobs enqueued with a prepared payload
 through Queue.prepare_data + enqueue_many (what RQ's per-job API costs; publisher.job_batch
-writes the same job hashes without it). `hiredis` in the output says whether redis-py had it.
+writes the same job hashes without it), and the claim calls' round trips early and late in the search.
+`hiredis` in the output says whether redis-py had it.
 Run it in the tree to measure (`cd TREE && PYTHONPATH=$PWD python benchmarks/publish_cpu.py`).
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -68,10 +70,37 @@ def rq_floor(connection: redis.Redis, kwargs: dict, meta: dict, jobs: int, chunk
     return time.process_time() - started
 
 
+def wall_of(walls: list[float], function):
+    """`function`, appending each call's wall seconds to `walls`."""
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            walls.append(time.perf_counter() - started)
+
+    return timed
+
+
+def claim_call_figures(walls: list[float]) -> dict[str, float]:
+    """Median claim call (ms, the round trip) in the search's first and last tenth, and the longest:
+    a claim that cost more as the search grows would show in last / first."""
+    tenth = max(1, len(walls) // 10)
+    return {
+        "claim_calls": len(walls),
+        "claim_ms_first_tenth": statistics.median(walls[:tenth]) * 1000 if walls else 0,
+        "claim_ms_last_tenth": statistics.median(walls[-tenth:]) * 1000 if walls else 0,
+        "claim_ms_max": max(walls, default=0) * 1000,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=10000, help="grid size")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--no-floor", action="store_true", help="skip the RQ floor (minutes at 200,000 points)")
+    parser.add_argument("--chunk", type=int, help="points per claim call and job write [schedule_search.publish.CHUNK]")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="runyard-publish-cpu-"))
     (work / "data").mkdir()
@@ -81,13 +110,19 @@ def main() -> int:
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
+        import schedule_search.methods.grid as grid
         import schedule_search.publish as publish
         from schedule_search.search import load_search
+
+        publish.CHUNK = args.chunk or publish.CHUNK
+        # A larger grid than a search file may ask for: how the publisher's memory grows past it.
+        grid.MAX_POINTS = max(grid.MAX_POINTS, args.points)
 
         connection = redis.Redis.from_url(url)
         write_grid(work / "grid.yaml", "grid", args.points, work / "data")
         totals: dict[str, float] = {}
-        publish.claim_points = cpu_of(totals, "claim_s", publish.claim_points)
+        claim_walls: list[float] = []
+        publish.claim_points = wall_of(claim_walls, cpu_of(totals, "claim_s", publish.claim_points))
         publish._enqueue_runs = cpu_of(totals, "write_jobs_s", publish._enqueue_runs)
         started = time.process_time()
         search = load_search(work / "grid.yaml")
@@ -96,15 +131,18 @@ def main() -> int:
         report = publish.publish_search(connection, search)
         figures["publish_search_s"] = time.process_time() - started
         figures |= totals
+        figures |= claim_call_figures(claim_walls)
         figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the floor
-        job = Job.fetch(report.jobs[0]["job_id"], connection=connection, serializer=JSONSerializer)
-        figures["rq_floor_s"] = rq_floor(connection, job.kwargs, job.meta, args.points, publish.CHUNK)
+        job = Job.fetch(report.first_jobs[0]["job_id"], connection=connection, serializer=JSONSerializer)
+        if not args.no_floor:
+            figures["rq_floor_s"] = rq_floor(connection, job.kwargs, job.meta, args.points, publish.CHUNK)
         figures["hiredis"] = "hiredis" in sys.modules
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     figures = {key: round(value, 2) if isinstance(value, float) else value for key, value in figures.items()}
+    figures["chunk"] = publish.CHUNK
     figures["load_average"] = [round(value, 1) for value in os.getloadavg()]
     print(json.dumps(figures) if args.json else "\n".join(f"{key}: {value}" for key, value in figures.items()))
     return 0

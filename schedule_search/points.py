@@ -7,12 +7,14 @@ holds one chunk of points and jobs at a time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from contracts.spec import NON_RESULT_FIELDS, ExperimentSpec, SpecError, load_spec
 from schedule_search.config import SearchError, prefixed
+from schedule_search.point_ids import PointIdSet
 from schedule_search.point_specs import PointSpecs
 
 REPORTED_ERRORS = 5  # bad points listed in one error; the rest are counted
@@ -98,9 +100,19 @@ def combination_points(
     """
     width = max(3, len(str(total)))
 
+    def first_index_of(point_id: str, before: int) -> int:
+        """The index of the first point with `point_id` (made again: only a refused search needs it)."""
+        for index, params in enumerate(itertools.islice(combos(), before - 1), 1):
+            try:
+                if specs.payload(params, f"{name}-{index:0{width}d}")[1] == point_id:
+                    return index
+            except SpecError:
+                continue
+        raise AssertionError(f"point {point_id} was seen before point {before}")  # pragma: no cover
+
     def make(check: bool) -> Iterator[Point]:
         errors, failed = [], 0
-        first_index: dict[str, int] = {}  # point id -> index, while checking
+        seen = PointIdSet()  # while checking: 8 bytes a point
         for index, params in enumerate(combos(), 1):
             run_name = f"{name}-{index:0{width}d}"
             try:
@@ -110,10 +122,9 @@ def combination_points(
                 if len(errors) < REPORTED_ERRORS:
                     errors.append(prefixed(f"{source}: point {index} ({describe_params(params)}): ", str(error)))
                 continue
-            if check:
-                twin = first_index.setdefault(point_id, index)
-                if twin != index:
-                    raise SearchError(duplicate_message(source, twin, index, params))
+            if check and not seen.add(point_id):
+                twin = first_index_of(point_id, index)
+                raise SearchError(duplicate_message(source, twin, index, params))
             yield Point(point_id, index, params, payload, run_name)
         if errors:
             more = f"\n{source}: ... and {failed - len(errors)} more points fail" if failed > len(errors) else ""

@@ -15,7 +15,7 @@ import itertools
 import json
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,11 @@ from worker.search_stop import clear_stop
 
 # A claim younger than this whose job does not exist yet belongs to a publisher still enqueueing.
 CLAIM_GRACE_S = 120
-# Points per claim script call and per enqueue transaction: each holds Redis a few milliseconds
-# (cpu-2 under load: ~10 ms for 500 points), never the seconds one call for 100,000 points took.
-CHUNK = 500
+# Points per claim script call and per enqueue transaction. A claim costs Redis ~7 us a point
+# wherever the point is in the search (BENCHMARKS.md, publishing, third pass): 200 points are ~1.5 ms,
+# so that a call stays far below 50 ms even when the box starves or forks Redis (AOF rewrite) in
+# the middle of it; 100 to 500 cost the publisher the same CPU.
+CHUNK = 200
 
 # KEYS: points hash, run-name set. ARGV: grace, dry run, job key prefix, run record prefix, then
 # (point id, job id, run name, info JSON) per point. Returns {point id, outcome, claim JSON} per
@@ -116,23 +118,46 @@ class SearchConflict(ValueError):
     """The search name is taken by a different bayes search; the message says to rename it."""
 
 
+# Enqueued jobs a report keeps (for a caller's first look); every job goes to publish_search's on_job.
+FIRST_JOBS = 100
+
+
 @dataclass
 class PublishReport:
-    """What publishing did: each point's outcome and the jobs it enqueued."""
+    """What publishing did, in memory that does not grow with the search: points per outcome, the
+    queues used and the first FIRST_JOBS jobs enqueued (publish_search's on_point and on_job see every one)."""
 
     search: str
     method: str
     dry_run: bool
-    outcomes: dict[str, str] = field(default_factory=dict)  # point id -> new | retry:failed | queued | ...
-    jobs: list[dict[str, Any]] = field(default_factory=list)  # what was enqueued
+    outcomes: Counter[str] = field(default_factory=Counter)  # new | retry:failed | queued | ... -> points
+    queues: set[str] = field(default_factory=set)
+    first_jobs: list[dict[str, Any]] = field(default_factory=list)  # {point, job_id, run_name, queue}
 
     @property
     def enqueued(self) -> int:
-        return sum(1 for outcome in self.outcomes.values() if is_enqueued(outcome))
+        return sum(count for outcome, count in self.outcomes.items() if is_enqueued(outcome))
 
     def counts(self) -> dict[str, int]:
         """Outcomes by kind: new, retried (failed, stopped, cancelled, lost), finished, queued, running."""
-        return dict(Counter(outcome_kind(outcome) for outcome in self.outcomes.values()))
+        kinds: Counter[str] = Counter()
+        for outcome, count in self.outcomes.items():
+            kinds[outcome_kind(outcome)] += count
+        return dict(kinds)
+
+    def add_jobs(self, jobs: list[dict[str, Any]], on_job: JobSink | None) -> None:
+        """Count a chunk's enqueued jobs in, and hand each to `on_job`."""
+        self.queues.update(job["queue"] for job in jobs)
+        self.first_jobs += jobs[: FIRST_JOBS - len(self.first_jobs)]
+        if on_job is not None:
+            for job in jobs:
+                on_job(job)
+
+
+# Called with each point and its outcome as it is claimed (or looked at, in a dry run).
+PointSink = Callable[[Point, str], None]
+# Called with each enqueued job as {point, job_id, run_name, queue}, a chunk at a time.
+JobSink = Callable[[dict[str, Any]], None]
 
 
 def is_enqueued(outcome: str) -> bool:
@@ -219,12 +244,16 @@ def publish_search(
     dry_run: bool = False,
     context: dict[str, Any] | None = None,
     max_requeues: int = DEFAULT_MAX_REQUEUES,
+    on_point: PointSink | None = None,
+    on_job: JobSink | None = None,
 ) -> PublishReport:
-    """Enqueue every point of `search` that is missing or failed; report what each point was.
+    """Enqueue every point of `search` that is missing or failed; report how many points were what.
 
     Points go CHUNK at a time: one claim script call, then one transaction that writes the
     chunk's jobs, so no Redis command holds the server for long and the publisher holds one
-    chunk's jobs at a time. K-fold aggregates go last, once every fold has its job.
+    chunk's jobs at a time. K-fold aggregates go last, once every fold has its job. Each point's
+    outcome goes to `on_point` and each enqueued job to `on_job` as they happen (the report
+    counts them).
     """
     report = PublishReport(search.name, search.method, dry_run)
     # Before any claim: a bad RUNYARD_USER (the owner) must leave nothing behind.
@@ -240,7 +269,9 @@ def publish_search(
         for chunk in chunks(search.points, CHUNK):
             claims = claim_points(connection, search, chunk, dry_run)
             for point, outcome, claim in claims:
-                report.outcomes[point.id] = outcome
+                report.outcomes[outcome] += 1
+                if on_point is not None:
+                    on_point(point, outcome)
                 if point.kind == "fold" and claim:
                     folds[point.id] = claim
             if dry_run:
@@ -249,10 +280,14 @@ def publish_search(
             aggregates += [(point, claim) for point, claim in runs if point.kind == "aggregate"]
             pending = aggregates + [(point, claim) for point, claim in runs if point.kind != "aggregate"]
             runs_now = pending[len(aggregates) :]
-            report.jobs += _enqueue_runs(connection, search, runs_now, context, retries, timeout_s, max_requeues)
+            report.add_jobs(
+                _enqueue_runs(connection, search, runs_now, context, retries, timeout_s, max_requeues), on_job
+            )
             pending = aggregates
         for chunk in chunks(aggregates, CHUNK):
-            report.jobs += _enqueue_aggregates(connection, search, chunk, folds, context, timeout_s, max_requeues)
+            report.add_jobs(
+                _enqueue_aggregates(connection, search, chunk, folds, context, timeout_s, max_requeues), on_job
+            )
             pending = pending[len(chunk) :]
     except BaseException:
         release_claims(connection, search, [(point.id, claim["job_id"]) for point, claim in pending])

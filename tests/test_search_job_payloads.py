@@ -49,10 +49,11 @@ def expected_job(search: Search, point, claim: dict) -> dict:
 
 
 def assert_jobs_match(connection, search: Search) -> int:
-    report = publish_search(connection, search, retries=2, context=CONTEXT)
+    jobs: list[dict] = []
+    publish_search(connection, search, retries=2, context=CONTEXT, on_job=jobs.append)
     points = {point.id: point for point in search.points}
     compared = 0
-    for enqueued in report.jobs:
+    for enqueued in jobs:
         point = points[enqueued["point"]]
         if point.kind == "aggregate":
             continue

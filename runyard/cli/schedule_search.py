@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
+import redis
 from rich.table import Table
 
 from publisher.queue import publish_context
 from runyard.cli.common import CONTEXT, connect_or_fail, console, fail, parse_duration
 from runyard.cli.publish import enqueue_options
 from schedule_search.config import SearchError
-from schedule_search.publish import PublishReport, SearchConflict, outcome_kind, publish_search
+from schedule_search.points import Point
+from schedule_search.publish import SearchConflict, outcome_kind, publish_search
 from schedule_search.search import Search, load_search
 from worker.connection import RedisUnavailable, connect
 from worker.quotas import QuotaError
@@ -74,21 +77,39 @@ def schedule_search_command(
         click.echo(f"warning: {warning}", err=True)
     _warn_missing_data(search)
     if dry_run:
-        report = _dry_run_report(search)
-        _print_dry_run(search, report, as_json)
+        _print_dry_run(search, as_json)
         return
     connection = connect_or_fail()
+    # --json: each enqueued job is printed as it is enqueued, never all held (a search can be 100,000 points).
+    stream = JsonStream({"search": search.name, "method": search.method}, "jobs") if as_json else None
     try:
         context = publish_context(owner) if owner else None  # None: publish_search's own (RUNYARD_USER)
         report = publish_search(
-            connection, search, retries=retries, timeout_s=timeout_s, max_requeues=max_requeues, context=context
+            connection,
+            search,
+            retries=retries,
+            timeout_s=timeout_s,
+            max_requeues=max_requeues,
+            context=context,
+            on_job=stream.item if stream else None,
         )
+    # Both come before the first claim: nothing is enqueued, nothing printed on stdout yet.
     except SearchConflict as error:
         fail(f"nothing enqueued: {error}")
     except QuotaError as error:  # --owner or RUNYARD_USER names the owner of the search's jobs
         fail(f"--owner / RUNYARD_USER: {error}; nothing enqueued")
-    if as_json:
-        click.echo(json.dumps(_report_json(search, report), indent=2))
+    except BaseException as error:
+        _close_on_error(stream, error)
+        raise
+    if stream:
+        stream.close(
+            {
+                "points": len(search.points),
+                "enqueued": report.enqueued,
+                "counts": report.counts(),
+                "warnings": search.warnings,
+            }
+        )
         return
     counts = report.counts()
     skipped = {kind: counts.get(kind, 0) for kind in ("finished", "running", "queued") if counts.get(kind)}
@@ -97,9 +118,8 @@ def schedule_search_command(
     click.echo(f"  enqueued {report.enqueued} ({counts.get('new', 0)} new{retried})")
     if skipped:
         click.echo("  skipped " + ", ".join(f"{count} {kind}" for kind, count in skipped.items()))
-    queues = sorted({job["queue"] for job in report.jobs})
-    if queues:
-        click.echo(f"  on queue {', '.join(repr(name) for name in queues)}")
+    if report.queues:
+        click.echo(f"  on queue {', '.join(repr(name) for name in sorted(report.queues))}")
     click.echo(f"  follow it with `runyard status --search {search.name}`")
     click.echo(f"  results in `runyard leaderboard --search {search.name}`")
 
@@ -112,72 +132,109 @@ def _warn_missing_data(search: Search) -> None:
             )
 
 
-def _dry_run_report(search: Search) -> PublishReport | None:
-    """What publishing would do, asked of the Redis that publishing would use.
+class JsonStream:
+    """One JSON object printed as it is made: fixed keys, then a list item by item, then the rest.
+
+    The printed document is what json.dumps(..., indent=2) of the whole would be, but for its
+    list's items on one line each: `json.loads` of the output gives the same object.
+    """
+
+    def __init__(self, head: dict[str, Any], key: str) -> None:
+        self.head, self.key, self.items, self.started = head, key, 0, False
+
+    def item(self, value: Any) -> None:
+        self._start()
+        click.echo(("," if self.items else "") + "\n    " + json.dumps(value, default=str), nl=False)
+        self.items += 1
+
+    def close(self, tail: dict[str, Any]) -> None:
+        self._start()
+        fields = "".join(f",\n  {json.dumps(name)}: {_indented(value)}" for name, value in tail.items())
+        click.echo(("\n  " if self.items else "") + "]" + fields + "\n}")
+
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            fields = "".join(f"  {json.dumps(name)}: {_indented(value)},\n" for name, value in self.head.items())
+            click.echo("{\n" + fields + f"  {json.dumps(self.key)}: [", nl=False)
+
+
+def _indented(value: Any) -> str:
+    """`value` as json.dumps(indent=2) writes it one level down."""
+    return json.dumps(value, indent=2, default=str).replace("\n", "\n  ")
+
+
+def _close_on_error(stream: JsonStream | None, error: BaseException) -> None:
+    """A --json document already begun ends valid, saying publishing stopped (the jobs listed are enqueued)."""
+    if stream is not None and stream.started:
+        stream.close({"error": str(error) or type(error).__name__})
+
+
+def _dry_run_connection() -> redis.Redis | None:
+    """The Redis that publishing would use, to tell which points are done.
 
     Without REDIS_URL that is the embedded server, started if need be (as `publish` does), so
     a first dry run says "new" for every point instead of "cannot tell".
     """
     try:
-        connection = connect()
+        return connect()
     except RedisUnavailable as error:
         click.echo(f"warning: cannot tell which points are done ({error})", err=True)
         return None
-    return publish_search(connection, search, dry_run=True)
 
 
-def _point_rows(search: Search, report: PublishReport | None) -> list[dict[str, Any]]:
-    rows = []
-    for point in search.points:
-        outcome = report.outcomes.get(point.id) if report else None
-        rows.append(
-            {
-                "index": point.index,
-                "point": point.id,
-                "kind": point.kind,
-                "run_name": point.run_name,
-                "params": point.params,
-                "status": outcome_kind(outcome) if outcome else "unknown",
-            }
-        )
-    return rows
+def _point_row(point: Point, outcome: str | None) -> dict[str, Any]:
+    return {
+        "index": point.index,
+        "point": point.id,
+        "kind": point.kind,
+        "run_name": point.run_name,
+        "params": point.params,
+        "status": outcome_kind(outcome) if outcome else "unknown",
+    }
 
 
-def _print_dry_run(search: Search, report: PublishReport | None, as_json: bool) -> None:
-    rows = _point_rows(search, report)
-    new = sum(1 for row in rows if row["status"] in ("new", "retried"))
-    if as_json:
-        payload = {"dry_run": True, "search": search.name, "method": search.method, "points": rows}
-        payload |= {"new": new if report else None, "done": sum(row["status"] == "finished" for row in rows)}
-        click.echo(json.dumps(payload, indent=2, default=str))
+def _print_dry_run(search: Search, as_json: bool) -> None:
+    """Each point and what publishing would do with it: a table of the first SHOWN_POINTS, or --json of all."""
+    connection = _dry_run_connection()
+    stream = (
+        JsonStream({"dry_run": True, "search": search.name, "method": search.method}, "points") if as_json else None
+    )
+    shown: list[dict[str, Any]] = []
+    statuses: Counter[str] = Counter()
+
+    def take(point: Point, outcome: str | None) -> None:
+        row = _point_row(point, outcome)
+        statuses[row["status"]] += 1
+        if stream:
+            stream.item(row)
+        elif len(shown) < SHOWN_POINTS:
+            shown.append(row)
+
+    if connection is None:
+        for point in search.points:
+            take(point, None)
+    else:
+        publish_search(connection, search, dry_run=True, on_point=take)
+    new, done = statuses["new"] + statuses["retried"], statuses["finished"]
+    if stream:
+        stream.close({"new": new if connection else None, "done": done})
         return
+    total = statuses.total()
     out = console()
-    table = Table(title=f"search {search.name} ({search.method}): {len(rows)} points")
+    table = Table(title=f"search {search.name} ({search.method}): {total} points")
     parameters = list(search.parameters)
     for column in ("#", "kind", "point", "status", *parameters):
         table.add_column(column, justify="right" if column == "#" else "left")
-    for row in rows[:SHOWN_POINTS]:
+    for row in shown:
         params = [_short(row["params"].get(name, "sampled" if row["kind"] == "trial" else "")) for name in parameters]
         table.add_row(str(row["index"]), row["kind"], row["point"], OUTCOME_LABELS.get(row["status"], "?"), *params)
     out.print(table)
-    if len(rows) > SHOWN_POINTS:
-        click.echo(f"... and {len(rows) - SHOWN_POINTS} more points (--json lists them all)")
-    if report:
-        done = sum(row["status"] == "finished" for row in rows)
-        click.echo(f"{new} would be enqueued, {done} already done, {len(rows) - new - done} queued or running")
+    if total > SHOWN_POINTS:
+        click.echo(f"... and {total - SHOWN_POINTS} more points (--json lists them all)")
+    if connection:
+        click.echo(f"{new} would be enqueued, {done} already done, {total - new - done} queued or running")
     click.echo("dry run: nothing enqueued", err=True)
-
-
-def _report_json(search: Search, report: PublishReport) -> dict[str, Any]:
-    return {
-        "search": search.name,
-        "method": search.method,
-        "points": len(search.points),
-        "enqueued": report.enqueued,
-        "counts": report.counts(),
-        "jobs": report.jobs,
-        "warnings": search.warnings,
-    }
 
 
 def _short(value: Any) -> str:

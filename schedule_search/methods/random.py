@@ -9,6 +9,7 @@ from contracts.spec import SpecError, load_spec
 from publisher.options import merge
 from schedule_search.config import SearchError, nest, prefixed
 from schedule_search.methods.base import Expansion, SearchMethod, register_method
+from schedule_search.point_ids import PointIdSet
 from schedule_search.points import Point, SearchPoints, describe_params
 
 RANDOM_ATTEMPTS = 20  # draws per wanted point before a random search settles for fewer distinct points
@@ -27,7 +28,7 @@ class RandomSearch(SearchMethod):
         def make(check: bool) -> Iterator[Point]:
             # Drawn again on each pass from the same seed: the same points in the same order.
             rng = random.Random(expansion.seed)
-            seen: set[str] = set()
+            seen = PointIdSet()  # 8 bytes a drawn point
             for _attempt in range(wanted * RANDOM_ATTEMPTS):
                 params = {key: parameter.draw(rng) for key, parameter in expansion.searched.items()}
                 index = len(seen) + 1
@@ -39,9 +40,8 @@ class RandomSearch(SearchMethod):
                     where = f"{expansion.source}: point {index} ({describe_params(params)}): "
                     raise SearchError(prefixed(where, str(error))) from None
                 point_id = spec.spec_hash()
-                if point_id in seen:
+                if not seen.add(point_id):
                     continue  # the space is small enough to draw a point twice; one run is enough
-                seen.add(point_id)
                 yield Point(point_id, index, params, spec.to_payload(), run_name)
                 if len(seen) == wanted:
                     break
