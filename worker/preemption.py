@@ -6,8 +6,10 @@ lock) picks a victim among the jobs running on workers that serve the queue:
 - only jobs of lower priority in the same pool (`high` preempts `default` and `low`;
   `pool-high` preempts `pool` and `pool-low`), lowest priority first;
 - then the cheapest: stopping at a step, the one with the shortest time since its last
-  checkpoint (the least training re-done); stopping at its epoch boundary, the one whose epoch
-  ends soonest (the shortest wait);
+  checkpoint (the least training re-done; a job with no checkpoint in this attempt loses at least
+  its whole set-up, SETUP_ESTIMATE_S, since it cannot stop before its set-up ends); stopping at
+  its epoch boundary, the one whose epoch ends soonest (the shortest wait); at equal cost the one
+  running longest (the furthest into its set-up stops first);
 - never one published with `--no-preempt`, nor one on a queue with preemption turned off
   (`runyard preemption off QUEUE`), nor one preempted before that has not trained another epoch.
 
@@ -23,8 +25,9 @@ Preemptor's counts):
 BENCHMARKS.md has the three side by side. The choice is the request's `stop_at`.
 
 The victim is asked through PREEMPT_KEY (worker.control reads it at step and epoch boundaries,
-like a cancel). It then takes the same path as a warm shutdown: its checkpoint stays, it goes
-back to the front of its queue with `preempted_by` in its meta, and its worker, now free, takes
+like a cancel, and at the end of its set-up: before importing torch and before its W&B run
+starts). It then takes the same path as a warm shutdown: its checkpoint stays, it goes back to
+the front of its queue with `preempted_by` in its meta, and its worker, now free, takes
 the `high` job.
 """
 
