@@ -196,3 +196,4 @@ def test_a_request_standing_during_set_up_stops_the_run_before_its_w_and_b_run_s
     record_preemption(job, stopped.value.epoch)
     [entry] = job.meta["preemptions"]
     assert entry["stop_at"] == "setup" and entry["work_redone_s"] == 0 and entry["seen_at"] <= entry["at"]
+    assert entry["setup_s"] is not None  # all of the attempt so far was set-up, paid again on resume

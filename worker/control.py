@@ -28,7 +28,7 @@ from rq.job import Job, JobStatus
 
 from contracts.job_meta import update_job_meta
 from contracts.keys import cancel_key
-from trainer.interrupt import CANCELLED, EPOCH_BOUNDARY, LOST, PREEMPTED, SETUP_BOUNDARY, SHUTDOWN, STEP_BOUNDARY
+from trainer.interrupt import CANCELLED, EPOCH_BOUNDARY, LOST, PREEMPTED, SHUTDOWN, STEP_BOUNDARY
 from worker.embedded import NO_RETRY
 from worker.heartbeat import REDIS_ERRORS, separate_client
 from worker.preemption import preempt_key
@@ -91,8 +91,9 @@ class JobControl:
             now = time.time()
             redone = 0.0 if boundary != STEP_BOUNDARY or self.epoch_started_at is None else now - self.epoch_started_at
             setup_s = self.setup_s
-            if boundary == SETUP_BOUNDARY and self.job.started_at is not None:
-                setup_s = max(0.0, now - self.job.started_at.timestamp())  # the set-up so far, paid again
+            if boundary != STEP_BOUNDARY and setup_s is None and self.job.started_at is not None:
+                # At the set-up's end or the attempt's first epoch boundary: all of it was set-up, paid again.
+                setup_s = max(0.0, now - self.job.started_at.timestamp())
             # Read by worker.preemption.record_preemption in this process (the same Job object);
             # seen_at splits the victim's stop time into reading the request and winding down.
             update_job_meta(
