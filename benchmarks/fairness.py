@@ -173,6 +173,10 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, data: Path) -> dic
         "preemptions": len(redone),
         # Of the high job's latency: until a Preemptor asked, then until the victim had stopped.
         "asked_after_s": [round(e["requested_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
+        # ... the victim read the request (seen), then was wound down (stopped); the high job's start follows.
+        "seen_after_s": [
+            round(e["seen_at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"] if e.get("seen_at")
+        ],
         "stopped_after_s": [round(e["at"] - high_at, 1) for job in preempted for e in job.meta["preemptions"]],
         "stop_at": [entry.get("stop_at") for entry in entries],
         "training_redone_s": [round(value, 1) for value in redone if value is not None],  # the partial epoch
@@ -233,6 +237,7 @@ def run_stop_point(mode: str, args: argparse.Namespace, work: Path, data: Path) 
         "epoch_s": round(epoch_s, 1),
         "stop_at": entry.get("stop_at"),
         "high_start_latency_s": round(sampler.first_start[high.id] - high_at, 1),
+        "victim_seen_after_s": round(entry["seen_at"] - high_at, 1) if entry.get("seen_at") else None,
         "victim_stopped_after_s": round(entry["at"] - high_at, 1) if entry else None,
         "training_redone_s": entry.get("work_redone_s"),
         "setup_paid_again_s": entry.get("setup_s"),

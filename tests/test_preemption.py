@@ -158,3 +158,42 @@ def test_a_victim_asked_to_stop_at_the_epoch_boundary_finishes_its_epoch_and_red
         assert stopped.value.epoch == 1 and calls["steps"] == 2  # stopped 2 steps into epoch 2
         assert entry["work_redone_s"] > 0
     assert entry["setup_s"] is not None and not connection.exists(f"runyard:preempt:{job.id}")
+
+
+def test_at_equal_cost_the_victim_running_longest_goes_first_and_set_up_costs_the_whole_set_up(connection):
+    """Jobs with no checkpoint in their attempt lose their whole set-up (SETUP_ESTIMATE_S) whenever asked."""
+    now = datetime.now(timezone.utc)
+    just_started = running_job(connection, "w1", "low")
+    further_in = running_job(connection, "w2", "low")
+    long_first_epoch = running_job(connection, "w3", "low")
+    for job, ago in ((just_started, 0.5), (further_in, 3.0), (long_first_epoch, 600.0)):
+        connection.hset(job.key, "started_at", utcformat(now - timedelta(seconds=ago)))
+    high = queue_high(connection)
+    # Both in set-up cost the set-up estimate; the one further in reaches its set-up's end first.
+    assert preempt_for(connection, "high") == further_in.id
+
+    connection.delete(f"runyard:preempt:{further_in.id}", f"runyard:preempt-for:{high.id}")
+    checkpointed = running_job(connection, "w4", "low", checkpoint_at=time.time() - 1.0)
+    assert preempt_for(connection, "high") == checkpointed.id  # 1 s of epoch re-done: less than any set-up
+
+
+def test_a_request_standing_during_set_up_stops_the_run_before_its_w_and_b_run_starts(
+    connection, demo_data, tmp_path, monkeypatch
+):
+    """Even an epoch-boundary request: nothing of the attempt is trained yet, so nothing is lost."""
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    job = running_job(connection, "w1", "low")
+    connection.hset(job.key, mapping={"status": "started", "worker_name": "w1"})
+    job.refresh()
+    connection.set(f"runyard:preempt:{job.id}", json.dumps({"by": "h", "stop_at": "epoch"}))
+    spec = load_spec(tiny_spec(demo_data, epochs=2, run_name="victim-setup"))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(spec, should_stop=JobControl(job).should_stop)
+    assert stopped.value.reason == PREEMPTED and stopped.value.epoch == 0
+    run_dir = tmp_path / "runs" / "victim-setup"
+    assert (run_dir / "spec.json").exists() and not (run_dir / "wandb").exists()
+    record_preemption(job, stopped.value.epoch)
+    [entry] = job.meta["preemptions"]
+    assert entry["stop_at"] == "setup" and entry["work_redone_s"] == 0 and entry["seen_at"] <= entry["at"]
+    assert entry["setup_s"] is not None  # all of the attempt so far was set-up, paid again on resume

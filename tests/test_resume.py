@@ -25,14 +25,15 @@ def runs(tmp_path, monkeypatch) -> Path:
 
 
 def stop_in_epoch(epoch: int):
-    """A should_stop that asks to shut down a few steps into `epoch` (the trainer asks once per epoch
-    start and once per optimizer step: 6 steps of 32 images per epoch of the demo data)."""
+    """A should_stop that asks to shut down a few steps into `epoch` (the trainer asks once at its
+    set-up's end, once per epoch start and once per optimizer step: 6 steps of 32 images per epoch
+    of the demo data)."""
     calls = {"count": 0}
     steps_per_epoch = 6
 
     def should_stop(**_where):
         calls["count"] += 1
-        return SHUTDOWN if calls["count"] == (epoch - 1) * (steps_per_epoch + 1) + 3 else None
+        return SHUTDOWN if calls["count"] == 1 + (epoch - 1) * (steps_per_epoch + 1) + 3 else None
 
     return should_stop
 

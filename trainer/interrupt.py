@@ -21,6 +21,9 @@ LOST = "lost"  # this process no longer owns the job (it was requeued elsewhere)
 
 STEP_BOUNDARY = "step"  # after an optimizer step: the epoch's training so far is re-done on resume
 EPOCH_BOUNDARY = "epoch"  # before an epoch: nothing is re-done
+# Before an attempt trains anything (its set-up: imports, data, model, before the W&B run starts):
+# nothing is re-done either, so a step or an epoch request stops here.
+SETUP_BOUNDARY = "setup"
 
 
 class TrainingInterrupted(Exception):

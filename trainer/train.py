@@ -41,7 +41,7 @@ from trainer.epoch_steps import (
     start_metrics_csv,
 )
 from trainer.final_steps import FinishedRun, run_final_steps
-from trainer.interrupt import LOST, ResumeInfo, TrainingInterrupted
+from trainer.interrupt import LOST, SETUP_BOUNDARY, ResumeInfo, TrainingInterrupted
 from trainer.learner import Learner, StopCallback
 from trainer.models import parameter_count
 from trainer.paths import runs_root
@@ -117,6 +117,9 @@ class Trainer(Learner):
         start_metrics_csv(self.run_dir / "metrics.csv", self.progress.history)
         if self.store.remote:
             self.sync = StoreSync(self.store, self.run_name, self.run_dir)
+        # The data and model are ready, nothing trained yet: a stop asked during the set-up costs
+        # nothing here, and the W&B run (seconds to start, and to finish) is not started for it.
+        self.stop_if_asked(boundary=SETUP_BOUNDARY)
         config = {"context": self.context, "oom_adjustments": self.oom_adjustments}
         self.tracker = start_tracker(self.spec, self.run_name, self.run_dir, config)
         # A killed attempt's W&B records may never have reached disk or server: log the resumed

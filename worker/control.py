@@ -11,7 +11,8 @@ Three things stop a job early, each a reason from trainer.interrupt:
   outage, or the worker process died): it stops without touching the job's state in Redis.
 
 The signal costs nothing to check; Redis is asked at most once per CHECK_INTERVAL_S, and always
-at an epoch boundary (an epoch-boundary preemption must not miss it).
+at an epoch boundary (an epoch-boundary preemption must not miss it) and at the set-up boundary
+(before the attempt trains anything: there a step or an epoch request stops it, nothing is lost).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from worker.heartbeat import REDIS_ERRORS, separate_client
 from worker.preemption import preempt_key
 
 SHUTDOWN_SIGNAL = signal.SIGUSR1
-CHECK_INTERVAL_S = 1.0
+# A step stop waits up to this long for the request to be read (the `high` job's latency); one
+# pipelined read of three keys per interval per running job is nothing for Redis.
+CHECK_INTERVAL_S = 0.5
 CHECK_TIMEOUT_S = 2.0
 CANCEL_TTL_S = 30 * 24 * 3600
 
@@ -79,21 +82,26 @@ class JobControl:
 
     def should_stop(self, force: bool = False, boundary: str = STEP_BOUNDARY) -> str | None:
         """A reason to stop now, or None; `force` asks Redis even within CHECK_INTERVAL_S."""
-        reason = self._reason(force or boundary == EPOCH_BOUNDARY, boundary)
+        reason = self._reason(force or boundary != STEP_BOUNDARY, boundary)
         if reason is None and boundary == EPOCH_BOUNDARY:
             self.epoch_started_at = time.time()
             if self.setup_s is None and self.job is not None and self.job.started_at is not None:
                 self.setup_s = max(0.0, self.epoch_started_at - self.job.started_at.timestamp())
         if reason == PREEMPTED:
-            redone = (
-                0.0
-                if boundary == EPOCH_BOUNDARY or self.epoch_started_at is None
-                else time.time() - self.epoch_started_at
-            )
-            # Read by worker.preemption.record_preemption in this process (the same Job object).
+            now = time.time()
+            redone = 0.0 if boundary != STEP_BOUNDARY or self.epoch_started_at is None else now - self.epoch_started_at
+            setup_s = self.setup_s
+            if boundary != STEP_BOUNDARY and setup_s is None and self.job.started_at is not None:
+                # At the set-up's end or the attempt's first epoch boundary: all of it was set-up, paid again.
+                setup_s = max(0.0, now - self.job.started_at.timestamp())
+            # Read by worker.preemption.record_preemption in this process (the same Job object);
+            # seen_at splits the victim's stop time into reading the request and winding down.
             update_job_meta(
-                self.job.meta, preempt_stop={"boundary": boundary, "redone_s": redone, "setup_s": self.setup_s}
+                self.job.meta,
+                preempt_stop={"boundary": boundary, "redone_s": redone, "setup_s": setup_s, "seen_at": now},
             )
+        if reason is not None and self.job is not None:
+            log.info("job %s: stopping at the %s boundary (%s)", self.job.id, boundary, reason)
         return reason
 
     def _reason(self, force: bool, boundary: str) -> str | None:
@@ -126,7 +134,7 @@ class JobControl:
                 stop_at = json.loads(preempted).get("stop_at", STEP_BOUNDARY)
             except (ValueError, AttributeError):
                 stop_at = STEP_BOUNDARY  # a request nobody can read: stop as soon as possible
-            if stop_at == EPOCH_BOUNDARY and boundary != EPOCH_BOUNDARY:
-                return None  # asked to finish the epoch first
+            if stop_at == EPOCH_BOUNDARY and boundary == STEP_BOUNDARY:
+                return None  # asked to finish the epoch first (in set-up there is nothing to finish)
             return PREEMPTED
         return None

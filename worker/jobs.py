@@ -17,7 +17,7 @@ from rq.job import Job
 
 from contracts.job_meta import FailureReason, set_failure, update_job_meta
 from contracts.spec import ExperimentSpec, SpecError, load_spec
-from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SHUTDOWN, ResumeInfo, TrainingInterrupted
+from trainer.interrupt import CANCELLED, LOST, PREEMPTED, SETUP_BOUNDARY, SHUTDOWN, ResumeInfo, TrainingInterrupted
 from trainer.paths import runs_root
 from worker.asha import enqueue_promotions, promotion_started, report_rung
 from worker.code_version import compare_code, loaded_code_state
@@ -87,15 +87,17 @@ def run_experiment(
     """
     job = get_current_job()
     trial, experiment = _load_experiment(job, spec, search)
-    from trainer.train import train
-
     context, code = _start_job(job, trial, context)
     progress = JobProgress(job, trial)
     experiment = progress.apply_adjustments(experiment)
     control = JobControl(job)
-    if job is not None and control.should_stop() == CANCELLED:  # cancelled while it was being dequeued
+    # Cancelled or preempted while it was being dequeued: stop before the seconds of importing torch.
+    reason = control.should_stop(boundary=SETUP_BOUNDARY) if job is not None else None
+    if reason in (CANCELLED, PREEMPTED):
         progress.close()
-        return _stopped(job, TrainingInterrupted(CANCELLED, 0), trial)
+        return _stopped(job, TrainingInterrupted(reason, trained_epoch(job)), trial)
+    from trainer.train import train
+
     try:
         try:
             result = train(
@@ -116,6 +118,11 @@ def run_experiment(
     if job is not None and control.should_stop(force=True) == LOST:  # requeued meanwhile: its new owner reports
         raise JobLost(f"job {job.id} was requeued while this worker trained it")
     return _finish(job, trial, experiment, context, code, result)
+
+
+def trained_epoch(job: Job) -> int:
+    """The last epoch an earlier attempt of `job` trained (0 for a first attempt), from its meta."""
+    return max((int(row["epoch"]) for row in job.meta.get("history") or []), default=0)
 
 
 def _load_experiment(

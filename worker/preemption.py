@@ -6,8 +6,10 @@ lock) picks a victim among the jobs running on workers that serve the queue:
 - only jobs of lower priority in the same pool (`high` preempts `default` and `low`;
   `pool-high` preempts `pool` and `pool-low`), lowest priority first;
 - then the cheapest: stopping at a step, the one with the shortest time since its last
-  checkpoint (the least training re-done); stopping at its epoch boundary, the one whose epoch
-  ends soonest (the shortest wait);
+  checkpoint (the least training re-done; a job with no checkpoint in this attempt loses at least
+  its whole set-up, SETUP_ESTIMATE_S, since it cannot stop before its set-up ends); stopping at
+  its epoch boundary, the one whose epoch ends soonest (the shortest wait); at equal cost the one
+  running longest (the furthest into its set-up stops first);
 - never one published with `--no-preempt`, nor one on a queue with preemption turned off
   (`runyard preemption off QUEUE`), nor one preempted before that has not trained another epoch.
 
@@ -23,8 +25,9 @@ Preemptor's counts):
 BENCHMARKS.md has the three side by side. The choice is the request's `stop_at`.
 
 The victim is asked through PREEMPT_KEY (worker.control reads it at step and epoch boundaries,
-like a cancel). It then takes the same path as a warm shutdown: its checkpoint stays, it goes
-back to the front of its queue with `preempted_by` in its meta, and its worker, now free, takes
+like a cancel, and at the end of its set-up: before importing torch and before its W&B run
+starts). It then takes the same path as a warm shutdown: its checkpoint stays, it goes back to
+the front of its queue with `preempted_by` in its meta, and its worker, now free, takes
 the `high` job.
 """
 
@@ -61,6 +64,12 @@ REQUEST_TTL_S = 600  # a request its job never read (it ended first) lapses
 PREEMPTED_FOR_TTL_S = 60
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+
+# A job with no checkpoint in this attempt stops at its set-up's end at the earliest (the trainer
+# has no step to stop at before), so it loses at least its whole set-up (imports, data, model:
+# 2-5 s on cpu-2) however little of it has run. Its own last set-up, when a preemption noted one,
+# replaces this.
+SETUP_ESTIMATE_S = 5.0
 
 PREEMPT_AT_ENV = "RUNYARD_PREEMPT_AT"  # step | epoch | auto (default)
 AUTO_WAIT_ENV = "RUNYARD_PREEMPT_AUTO_WAIT"  # seconds: auto waits for an epoch boundary this close
@@ -143,6 +152,8 @@ class Candidate:
     rank: int  # its priority: lower goes first
     work_lost_s: float  # time since its last checkpoint (or start)
     epoch_left_s: float | None = None  # until its epoch ends, from its last epoch's length (None: no estimate)
+    running_s: float = 0.0  # since this attempt started
+    setup_s: float | None = None  # a job with no checkpoint in this attempt: the set-up it pays at least
 
     def stop_at(self, mode: str, wait_s: float) -> str:
         """Where this job stops under RUNYARD_PREEMPT_AT `mode` (auto: the boundary when within `wait_s`)."""
@@ -155,7 +166,13 @@ class Candidate:
         """What stopping it costs: epoch-boundary stops (by wait) before step stops (by work re-done)."""
         if self.stop_at(mode, wait_s) == EPOCH_BOUNDARY:
             return (0, self.epoch_left_s if self.epoch_left_s is not None else float("inf"))
+        if self.setup_s is not None:  # still in its set-up or first epoch: it loses its set-up at least
+            return (1, max(self.work_lost_s, self.setup_s))
         return (1, self.work_lost_s)
+
+    def sort_key(self, mode: str, wait_s: float) -> tuple[int, tuple[int, float], float]:
+        """Lowest priority, then the cheapest; at equal cost the one running longest (it stops soonest)."""
+        return (self.rank, self.cost(mode, wait_s), -self.running_s)
 
 
 def preemption_candidates(connection: redis.Redis, high_queue: str, workers: list[Worker]) -> list[Candidate]:
@@ -183,9 +200,24 @@ def preemption_candidates(connection: redis.Redis, high_queue: str, workers: lis
         rank = PRIORITY_RANK[queue_priority(job.origin)[1]]
         epoch_s = (job.meta.get("progress") or {}).get("seconds")
         left = max(0.0, float(epoch_s) - (now - checkpoint_at)) if epoch_s and job.meta.get("checkpoint_at") else None
-        candidates.append(Candidate(job_id, job.origin, worker.name, rank, max(0.0, now - checkpoint_at), left))
+        setup = None
+        if float(job.meta.get("checkpoint_at") or 0) < started:  # nothing trained in this attempt yet
+            known = [entry.get("setup_s") for entry in job.meta.get("preemptions") or [] if entry.get("setup_s")]
+            setup = float(known[-1]) if known else SETUP_ESTIMATE_S
+        candidates.append(
+            Candidate(
+                job_id,
+                job.origin,
+                worker.name,
+                rank,
+                max(0.0, now - checkpoint_at),
+                left,
+                max(0.0, now - started),
+                setup,
+            )
+        )
     mode, wait = preempt_at(), auto_wait_s()
-    return sorted(candidates, key=lambda candidate: (candidate.rank, candidate.cost(mode, wait)))
+    return sorted(candidates, key=lambda candidate: candidate.sort_key(mode, wait))
 
 
 def _owner_has_room(connection: redis.Redis, job_id: str) -> bool:
@@ -298,7 +330,8 @@ def record_preemption(job: Job, after_epoch: int) -> None:
         "by": request.get("by"),
         "queue": request.get("queue"),
         "requested_at": request.get("at"),
-        "at": time.time(),
+        "seen_at": stop.get("seen_at"),  # when its should_stop read the request
+        "at": time.time(),  # its wind-down (W&B finish, store) done; RQ requeues it next
         "after_epoch": after_epoch,
         "worker": job.worker_name,
         "stop_at": stop.get("boundary", request.get("stop_at")),
