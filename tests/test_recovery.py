@@ -127,7 +127,9 @@ def test_sigterm_requeues_the_running_job_with_its_checkpoint_and_another_worker
     workers[stopped].send_signal(signal.SIGTERM)
     assert workers[stopped].wait(60) == 0
     job.refresh()
-    assert job.get_status() in (JobStatus.QUEUED, JobStatus.STARTED)  # back on its queue, not failed
+    # Back on its queue, not failed: the other box may have taken it, or (on a slow box, while the
+    # stopped one was still exiting) finished it already.
+    assert job.get_status() in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED)
     assert job.meta["shutdowns"] == 1 and job.meta.get("requeues", 0) == 0  # a shutdown is not a crash
     log = (tmp_path / f"{stopped}.log").read_text()
     assert "to stop at the next step boundary" in log and "Traceback" not in log
