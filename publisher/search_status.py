@@ -13,11 +13,11 @@ from typing import Any
 import redis
 from rich.table import Table
 from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
 from contracts.job_meta import read_job_meta
 from contracts.keys import run_key, search_points_key
 from worker.asha import asha_runs
+from worker.readable_jobs import fetch_jobs
 from worker.results import get_search, leaderboard
 from worker.search_stop import search_stopped
 
@@ -40,10 +40,9 @@ local items = reply[2]
 for i = 1, #items, 2 do
   local claim = cjson.decode(items[i + 1])
   local key = job_prefix .. claim.job_id
-  local status = false
-  if redis.call('TYPE', key).ok == 'hash' then  -- a record of another type is quarantined, not read
-    status = redis.call('HGET', key, 'status')
-  end
+  -- A record that is not a hash is quarantined, not read: HGET's type error counts as no status.
+  local status = redis.pcall('HGET', key, 'status')
+  if type(status) == 'table' then status = false end
   local state = 'queued'
   if not status then
     local record = redis.call('GET', run_prefix .. claim.run_name)
@@ -134,7 +133,7 @@ def collect_search_status(connection: redis.Redis, name: str, limit: int = DEFAU
         ordered_ids = [point_id for point_id in ordered_ids if point_id in chosen]
     raw_claims = connection.hmget(search_points_key(name), ordered_ids) if ordered_ids else []
     ordered = [(point_id, json.loads(raw)) for point_id, raw in zip(ordered_ids, raw_claims, strict=True) if raw]
-    jobs = Job.fetch_many([claim["job_id"] for _id, claim in ordered], connection, serializer=JSONSerializer)
+    jobs = fetch_jobs(connection, [claim["job_id"] for _id, claim in ordered])
     raw_records = connection.mget([run_key(claim["run_name"]) for _id, claim in ordered]) if ordered else []
     rows = []
     for (point_id, claim), job, raw in zip(ordered, jobs, raw_records, strict=True):

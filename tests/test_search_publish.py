@@ -22,6 +22,7 @@ from schedule_search.publish import claim_points, publish_search
 from schedule_search.search import load_search
 from tests.helpers import BIN, write_search
 from worker.jobs import AGGREGATE_FOLDS, RUN_EXPERIMENT
+from worker.search_stop import cancel_waiting_points
 
 GRID = {"lr": {"values": [0.001, 0.01]}, "loss": {"values": ["f1", "focal"]}}
 
@@ -168,6 +169,26 @@ def test_status_of_a_search_lists_its_points_and_unknown_searches_are_refused(co
     for command in (status_command, leaderboard_command):
         unknown = CliRunner().invoke(command, ["--search", "nope"])
         assert unknown.exit_code == 2 and "no search named 'nope'" in unknown.output
+
+
+def test_status_of_a_search_whose_job_record_a_tool_overwrote_counts_that_point_missing(connection, tmp_path):
+    printed = schedule(str(write_search(tmp_path / "grid.yaml", tmp_path, GRID, name="g")))
+    overwritten = printed["jobs"][0]["job_id"]
+    connection.delete(Job.key_for(overwritten))
+    connection.set(Job.key_for(overwritten), "not a hash")  # a teammate's tool wrote a string there
+    result = CliRunner().invoke(status_command, ["--search", "g", "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)["counts"]
+    assert {state: count for state, count in counts.items() if count} == {"queued": 3, "missing": 1}
+
+
+def test_stopping_a_search_whose_job_record_a_tool_overwrote_cancels_the_other_points(connection, tmp_path):
+    printed = schedule(str(write_search(tmp_path / "grid.yaml", tmp_path, GRID, name="g")))
+    overwritten = printed["jobs"][0]["job_id"]
+    connection.delete(Job.key_for(overwritten))
+    connection.set(Job.key_for(overwritten), "not a hash")
+    assert cancel_waiting_points(connection, "g") == 3
+    assert connection.get(Job.key_for(overwritten)) == b"not a hash"  # left for the quarantine
 
 
 def test_schedule_search_runs_as_a_module_and_as_a_runyard_command_without_torch(redis_url, tmp_path):

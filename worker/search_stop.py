@@ -14,12 +14,12 @@ import time
 from typing import Any
 
 import redis
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
+from rq.job import JobStatus
 
 from contracts.job_meta import set_failure
 from contracts.keys import search_data_errors_key, search_points_key, search_stopped_key
 from trainer.data import DataError
+from worker.readable_jobs import fetch_jobs
 
 STOP_AFTER_DATA_ERRORS = 3
 CANCEL_CHUNK = 500
@@ -70,7 +70,7 @@ def cancel_waiting_points(connection: redis.Redis, search: str) -> int:
     cancelled = 0
     job_ids = [json.loads(claim)["job_id"] for claim in connection.hvals(search_points_key(search))]
     for start in range(0, len(job_ids), CANCEL_CHUNK):
-        jobs = Job.fetch_many(job_ids[start : start + CANCEL_CHUNK], connection, serializer=JSONSerializer)
+        jobs = fetch_jobs(connection, job_ids[start : start + CANCEL_CHUNK])
         for job in jobs:
             if job is None or job.get_status(refresh=False) not in WAITING_STATES:
                 continue
